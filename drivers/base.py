@@ -1,0 +1,128 @@
+"""The one interface every crashlab backend implements.
+
+A driver is bound to one server: it is built from that server's connection
+settings and speaks only to its hypervisor or BMC. It knows nothing of users,
+policy or HTTP. Calls are blocking; the service runs them in worker threads.
+
+Failures a driver may raise, all subclasses of ``DriverError``::
+
+    DriverError
+     ├── NMINotSupported      the backend cannot send an NMI (Nova's TriggerCrashDumpNotSupported)
+     ├── InstanceNotRunning   the hypervisor refused: the domain is not running
+     ├── ServerPoweredOff     the BMC reports the server off, so an NMI would be lost
+     ├── ServerNotFound       the domain or system no longer exists
+     └── BackendError         the backend itself failed
+          ├── BackendUnreachable   no answer within the timeout, or connection refused
+          ├── BackendAuthFailed    credentials rejected
+          └── BackendRejected      the backend answered with an error (completion code, HTTP status)
+
+Capabilities are declared as data, as Ironic's hardware types declare their
+interfaces: ``capabilities = frozenset({"nmi", "power_state"})``. Only a driver
+that overrides ``trigger_crash_dump`` declares ``"nmi"``; the base method raises
+``NMINotSupported``, as Ironic's ``ManagementInterface.inject_nmi`` does.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class DriverError(Exception):
+    """Base of every failure a driver reports. ``str()`` is the event detail."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class NMINotSupported(DriverError):
+    def __init__(self, message: str = "Triggering crash dump is not supported") -> None:
+        super().__init__(message)
+
+
+class InstanceNotRunning(DriverError):
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(f"Instance {instance_id} is not running.")
+
+
+class ServerPoweredOff(DriverError):
+    def __init__(self, message: str = "server is powered off") -> None:
+        super().__init__(message)
+
+
+class ServerNotFound(DriverError):
+    pass
+
+
+class BackendError(DriverError):
+    pass
+
+
+class BackendUnreachable(BackendError):
+    pass
+
+
+class BackendAuthFailed(BackendError):
+    pass
+
+
+class BackendRejected(BackendError):
+    pass
+
+
+class PowerState(enum.IntEnum):
+    """Nova's power_state values (nova/compute/power_state.py)."""
+
+    NOSTATE = 0
+    RUNNING = 1
+    PAUSED = 3
+    SHUTDOWN = 4
+    CRASHED = 6
+    SUSPENDED = 7
+
+
+class DriverSettings(BaseModel):
+    """Connection settings of one server; each driver subclasses this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Names of fields holding secrets: stored encrypted, never shown.
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+
+class Driver:
+    """A backend bound to one server.
+
+    Subclasses set ``name``, ``description``, ``capabilities`` and
+    ``settings_model``, and implement what their capabilities declare.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    settings_model: ClassVar[type[DriverSettings]] = DriverSettings
+
+    def __init__(self, server_id: str, settings: DriverSettings) -> None:
+        self.server_id = server_id
+        self.settings = settings
+
+    def get_power_state(self) -> PowerState:
+        """Read the server's power state live from the backend."""
+        raise NotImplementedError
+
+    def trigger_crash_dump(self) -> None:
+        """Send the backend's NMI. Raises ``NMINotSupported`` unless overridden."""
+        raise NMINotSupported()
+
+    def close(self) -> None:
+        """Release connections; the driver is not used afterwards."""
+
+    @classmethod
+    def parse_settings(cls, raw: dict[str, Any]) -> DriverSettings:
+        return cls.settings_model.model_validate(raw)
