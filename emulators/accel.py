@@ -1,0 +1,100 @@
+"""Choose QEMU's accelerator: KVM where it actually works, TCG otherwise.
+
+``/dev/kvm`` existing is not enough: on some nested hosts a direct-kernel guest
+under KVM prints nothing at all (testbed-notes.md). So KVM is chosen only after
+a probe guest booted under it reaches its READY marker in time. The verdict is
+cached per host (kernel, QEMU version, CPU flags) in ``$CRASHLAB_CACHE/accel.json``.
+``$CRASHLAB_ACCEL=tcg|kvm`` skips the probe.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from emulators.guest_image import READY_MARKER, cache_root
+
+if TYPE_CHECKING:
+    from emulators.guest_image import GuestImage
+
+# A KVM guest reaches /init in about a second; TCG takes about six.
+PROBE_TIMEOUT = 20.0
+
+
+class Accel(enum.StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+    @property
+    def domain_type(self) -> str:
+        """The libvirt ``<domain type=...>`` that selects this accelerator."""
+        return "kvm" if self is Accel.KVM else "qemu"
+
+
+_decided: dict[str, Accel] = {}
+
+
+def detect_accel(image: GuestImage, uri: str) -> Accel:
+    """The accelerator to boot ``image`` with on ``uri``; probes KVM at most once per host."""
+    if forced := os.environ.get("CRASHLAB_ACCEL"):
+        return Accel(forced)
+    if not kvm_device_usable():
+        return Accel.TCG
+    key = host_fingerprint(uri)
+    if key in _decided:
+        return _decided[key]
+    cache_file = cache_root() / "accel.json"
+    verdicts = _read_json(cache_file)
+    if key not in verdicts:
+        verdicts[key] = (Accel.KVM if probe_kvm(image, uri) else Accel.TCG).value
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(verdicts, indent=2) + "\n")
+    _decided[key] = Accel(verdicts[key])
+    return _decided[key]
+
+
+def kvm_device_usable() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def probe_kvm(image: GuestImage, uri: str) -> bool:
+    """Boot ``image`` under KVM; True if it reaches READY within ``PROBE_TIMEOUT``."""
+    from emulators.guest import Guest, GuestError
+
+    try:
+        with Guest(image, uri=uri, accel=Accel.KVM, name_prefix="crashlab-kvmprobe") as guest:
+            guest.wait_for(READY_MARKER, PROBE_TIMEOUT)
+    except GuestError:
+        return False
+    return True
+
+
+def host_fingerprint(uri: str) -> str:
+    """What decides whether KVM works: host kernel, QEMU build and CPU flags."""
+    qemu = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[:1]
+    flags = next(
+        (
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        "",
+    )
+    text = json.dumps([uri, platform.release(), qemu, flags])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,305 @@
+"""A crashlab guest as a libvirt domain: boot, watch its console, clean up.
+
+``Guest`` defines and starts a domain that boots a ``GuestImage`` straight from
+its kernel and initramfs, with the serial console written to a file and a
+sparse raw dump disk as ``/dev/vda``. Progress is read from the console, never
+guessed from a fixed sleep. Leaving the ``with`` block (normally, by exception
+or by Ctrl-C) destroys and undefines the domain and deletes its files.
+
+Failures, all subclasses of ``GuestError``::
+
+    GuestError
+     ├── GuestStartFailed   libvirt refused to define or start the domain
+     └── GuestTimeout       a console pattern did not appear in time
+          └── GuestStopped  the domain stopped before the pattern appeared
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import libvirt
+
+from emulators.accel import Accel, detect_accel
+from emulators.guest_image import READY_MARKER, GuestImage, cache_root
+
+DEFAULT_URI = "qemu:///system"
+MEMORY_MIB = 768
+DUMP_DISK_MIB = 64
+POLL_SECONDS = 0.1
+
+
+class GuestError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class GuestStartFailed(GuestError):
+    pass
+
+
+class GuestTimeout(GuestError):
+    def __init__(self, pattern: str, timeout: float, tail: str, reason: str = "") -> None:
+        reason = reason or f"no {pattern!r} on the console within {timeout:.0f}s"
+        super().__init__(f"{reason}; console ends with:\n{tail}")
+        self.pattern = pattern
+        self.timeout = timeout
+        self.tail = tail
+
+
+class GuestStopped(GuestTimeout):
+    def __init__(self, pattern: str, timeout: float, tail: str) -> None:
+        super().__init__(pattern, timeout, tail, f"the guest stopped before {pattern!r}")
+
+
+class Console:
+    """Follows a console log file, remembering when each line first appeared."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        self.seen_at: list[float] = []
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> list[str]:
+        """Read what the guest wrote since the last poll; return the new complete lines."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        chunks = (self._partial + data).split(b"\n")
+        self._partial = chunks.pop()
+        now = time.monotonic()
+        new = [chunk.decode(errors="replace").rstrip("\r") for chunk in chunks]
+        self.lines += new
+        self.seen_at += [now] * len(new)
+        return new
+
+    def find(self, pattern: str | re.Pattern[str]) -> tuple[re.Match[str], float] | None:
+        """The first line matching ``pattern`` and when it was first read."""
+        regex = re.compile(pattern)
+        for line, seen in zip(self.lines, self.seen_at, strict=True):
+            if found := regex.search(line):
+                return found, seen
+        return None
+
+    def follow(self, until: Callable[[], bool]) -> Iterator[str]:
+        """Yield lines as they appear, until ``until()`` is true."""
+        while True:
+            yield from self.poll()
+            if until():
+                yield from self.poll()
+                return
+            time.sleep(POLL_SECONDS)
+
+    def tail(self, count: int = 20) -> str:
+        self.poll()
+        return "\n".join(self.lines[-count:] + ([self._partial.decode(errors="replace")]))
+
+    def text(self) -> str:
+        self.poll()
+        return "\n".join(self.lines)
+
+
+class Guest:
+    """One libvirt domain booting ``image``; a context manager that always cleans up.
+
+    ``accel`` defaults to what ``detect_accel`` finds (KVM only if it works).
+    The domain is defined (persistent) and then started, so it looks the same
+    whether or not virtualbmc or sushy-tools later redefine it.
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        *,
+        uri: str = DEFAULT_URI,
+        accel: Accel | None = None,
+        name_prefix: str = "crashlab",
+        workdir: Path | None = None,
+        memory_mib: int = MEMORY_MIB,
+        dump_disk_mib: int = DUMP_DISK_MIB,
+    ) -> None:
+        self.image = image
+        self.uri = uri
+        self.accel = accel
+        self.name = f"{name_prefix}-{image.variant.value}-{secrets.token_hex(4)}"
+        self.memory_mib = memory_mib
+        self.dump_disk_mib = dump_disk_mib
+        self._workdir_root = workdir or cache_root() / "guests"
+        self.workdir = self._workdir_root / self.name
+        self.console_path = self.workdir / "console.log"
+        self.dump_disk = self.workdir / "dump.img"
+        self.console = Console(self.console_path)
+        self.uuid = ""
+        self.started_at = 0.0
+        self._conn: libvirt.virConnect | None = None
+
+    def __repr__(self) -> str:
+        return f"Guest({self.name!r}, accel={self.accel})"
+
+    def __enter__(self) -> Guest:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None:
+            self._conn = libvirt.open(self.uri)
+        return self._conn
+
+    def domain(self) -> libvirt.virDomain:
+        return self.conn.lookupByName(self.name)
+
+    def start(self) -> None:
+        """Create the work dir and dump disk, then define and start the domain."""
+        if self.accel is None:
+            self.accel = detect_accel(self.image, self.uri)
+        self._workdir_root.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(mode=0o755)
+        with self.dump_disk.open("wb") as disk:
+            disk.truncate(self.dump_disk_mib * 1024 * 1024)
+        try:
+            domain = self.conn.defineXML(self.domain_xml())
+            self.uuid = domain.UUIDString()
+            self.started_at = time.monotonic()
+            domain.create()
+        except libvirt.libvirtError as exc:
+            raise GuestStartFailed(f"cannot start {self.name}: {exc}") from exc
+
+    def domain_xml(self) -> str:
+        """The domain definition. No ``<graphics>``: libvirt 9.0 rejects type='none'."""
+        assert self.accel is not None
+        domain = ET.Element("domain", type=self.accel.domain_type)
+        ET.SubElement(domain, "name").text = self.name
+        ET.SubElement(domain, "memory", unit="MiB").text = str(self.memory_mib)
+        ET.SubElement(domain, "vcpu").text = "1"
+        os_ = ET.SubElement(domain, "os")
+        ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+        ET.SubElement(os_, "kernel").text = str(self.image.kernel)
+        ET.SubElement(os_, "initrd").text = str(self.image.initrd)
+        ET.SubElement(os_, "cmdline").text = self.image.cmdline
+        features = ET.SubElement(domain, "features")
+        ET.SubElement(features, "acpi")
+        ET.SubElement(features, "apic")
+        if self.accel is Accel.KVM:
+            ET.SubElement(domain, "cpu", mode="host-passthrough")
+        # A reboot would hide the console of a panic; stop instead.
+        ET.SubElement(domain, "on_reboot").text = "destroy"
+        ET.SubElement(domain, "on_crash").text = "preserve"
+        devices = ET.SubElement(domain, "devices")
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        ET.SubElement(disk, "source", file=str(self.dump_disk))
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=str(self.console_path))
+        ET.SubElement(serial, "target", port="0")
+        ET.SubElement(devices, "memballoon", model="none")
+        return ET.tostring(domain, encoding="unicode")
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self.domain().isActive())
+        except libvirt.libvirtError:
+            return False
+
+    def inject_nmi(self) -> None:
+        """Send an NMI straight through libvirt, bypassing crashlab's API."""
+        self.domain().injectNMI(0)
+
+    def wait_for(
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float,
+        on_line: Callable[[str], None] | None = None,
+    ) -> float:
+        """Wait until a console line matches ``pattern``; return seconds since this call.
+
+        A line already on the console counts, with 0 seconds. ``on_line`` sees
+        each new line as it arrives. Raises ``GuestStopped`` as soon as the
+        domain has stopped without printing it, ``GuestTimeout`` after ``timeout``.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        while True:
+            for line in self.console.poll():
+                if on_line:
+                    on_line(line)
+            if found := self.console.find(pattern):
+                return max(0.0, found[1] - start)
+            if not self.is_active():
+                self.console.poll()
+                if found := self.console.find(pattern):
+                    return max(0.0, found[1] - start)
+                raise GuestStopped(str(pattern), timeout, self.console.tail())
+            if time.monotonic() > deadline:
+                raise GuestTimeout(str(pattern), timeout, self.console.tail())
+            time.sleep(POLL_SECONDS)
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, str]:
+        """Wait for the READY marker; return its ``key=value`` fields."""
+        self.wait_for(READY_MARKER, timeout)
+        found = self.console.find(READY_MARKER + r"(.*)")
+        assert found is not None
+        return dict(re.findall(r"(\w+)=(\S+)", found[0].group(1)))
+
+    def wait_stopped(self, timeout: float) -> float:
+        """Wait until the domain is no longer running; return the seconds waited."""
+        start = time.monotonic()
+        while self.is_active():
+            if time.monotonic() - start > timeout:
+                raise GuestTimeout("<domain shut off>", timeout, self.console.tail())
+            time.sleep(POLL_SECONDS)
+        return time.monotonic() - start
+
+    def cleanup(self) -> None:
+        """Destroy and undefine the domain, then delete its files. Safe to repeat."""
+        try:
+            domain = self.conn.lookupByName(self.name)
+        except libvirt.libvirtError:
+            domain = None
+        if domain is not None:
+            if domain.isActive():
+                _ignore_libvirt_error(domain.destroy)
+            if domain.isPersistent():
+                _ignore_libvirt_error(domain.undefine)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _ignore_libvirt_error(call: Callable[[], object]) -> None:
+    """Racing with the guest powering itself off is fine; the domain is gone either way."""
+    try:
+        call()
+    except libvirt.libvirtError:
+        pass

@@ -1,0 +1,471 @@
+"""Build crashlab's guest image from Debian packages only.
+
+A guest image is a Debian kernel and a busybox initramfs whose ``/init``
+configures the guest for one ``ImageVariant`` and prints console markers that
+crashlab keys on::
+
+    CRASHLAB-READY variant=kdump kernel=6.1.0-56-amd64 unknown_nmi_panic=1 kexec_crash_loaded=1
+    CRASHLAB-CRASH-KERNEL kernel=6.1.0-56-amd64 vmcore_bytes=620756992
+    CRASHLAB-DUMP-SAVED bytes=17825792
+    CRASHLAB-DUMP-FAILED rc=1
+    CRASHLAB-ERROR <what>
+
+Inputs, all taken from the host's apt configuration, never from elsewhere:
+
+- the kernel: the versioned package that ``linux-image-amd64`` depends on,
+  fetched with ``apt-get download`` and unpacked with ``dpkg -x`` (installing it
+  would run initramfs hooks on the host);
+- busybox from ``busybox-static``;
+- ``kexec`` and ``makedumpfile`` from the host's packages, with the shared
+  libraries ``ldd`` lists (kexec also links the Xen libraries).
+
+The kdump variant carries the kernel and a second, smaller initramfs (the same
+``/init`` without kexec and the kernel) for ``kexec -p``. The crash kernel's
+``/init`` sees ``/proc/vmcore``, writes a flattened, compressed dump with
+``makedumpfile -F -c -d 31`` to the raw dump disk ``/dev/vda``, then powers off.
+
+Images are cached under ``$CRASHLAB_CACHE/images/<variant>-<digest>/``
+(default ``<repo>/.cache/crashlab``); the digest covers every input, so an image
+is rebuilt only when one of them changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bump when the image layout changes in a way the other inputs do not show.
+BUILDER_VERSION = "1"
+
+KERNEL_METAPACKAGE = "linux-image-amd64"
+
+# Load order matters: each module needs the ones before it (testbed-notes.md).
+VIRTIO_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+)
+
+# The crash kernel's command line, as Debian's kdump-tools builds it.
+CRASH_KERNEL_CMDLINE = "console=ttyS0 irqpoll nr_cpus=1 reset_devices"
+
+# 256 MiB is the reservation testbed-notes.md verified with 768 MiB of guest RAM.
+CRASHKERNEL = "256M"
+
+READY_MARKER = "CRASHLAB-READY"
+CRASH_KERNEL_MARKER = "CRASHLAB-CRASH-KERNEL"
+DUMP_SAVED_MARKER = "CRASHLAB-DUMP-SAVED"
+DUMP_FAILED_MARKER = "CRASHLAB-DUMP-FAILED"
+ERROR_MARKER = "CRASHLAB-ERROR"
+
+
+class ImageBuildError(Exception):
+    """The image could not be built; the message names the failing step."""
+
+    def __repr__(self) -> str:
+        return f"ImageBuildError({str(self)!r})"
+
+
+class ImageVariant(enum.StrEnum):
+    """How the guest reacts to an NMI."""
+
+    KDUMP = "kdump"
+    """The NMI panics the guest; the crash kernel saves a vmcore to the dump disk."""
+
+    NO_KDUMP = "no-kdump"
+    """The NMI panics the guest; no crash kernel is loaded, so no dump is taken."""
+
+    NMI_IGNORED = "nmi-ignored"
+    """``unknown_nmi_panic=0``: the kernel logs "Dazed and confused" and carries on."""
+
+    @property
+    def unknown_nmi_panic(self) -> bool:
+        return self is not ImageVariant.NMI_IGNORED
+
+    @property
+    def loads_crash_kernel(self) -> bool:
+        return self is ImageVariant.KDUMP
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built image: boot ``kernel`` with ``initrd`` and ``cmdline``."""
+
+    variant: ImageVariant
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    kernel_release: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Everything an image is made from; its digest names the cached image."""
+
+    variant: ImageVariant
+    kernel_package: str
+    kernel_version: str
+    busybox_version: str
+    kexec_version: str
+    makedumpfile_version: str
+    cmdline: str
+    init_script: str
+    builder_version: str = BUILDER_VERSION
+
+    def digest(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    """``$CRASHLAB_CACHE``, or ``.cache/crashlab`` at the top of the repository."""
+    if env := os.environ.get("CRASHLAB_CACHE"):
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".cache" / "crashlab"
+
+
+def kernel_cmdline(variant: ImageVariant, extra: str = "") -> str:
+    """The guest kernel's command line.
+
+    ``panic=0`` (wait forever) is spelled out on purpose: a panicked no-kdump
+    guest must stay up so its console and state can be read, not reboot into a
+    fresh console. ``unknown_nmi_panic`` is also set by ``/init``; having it on
+    the command line makes the variant visible in ``/proc/cmdline``.
+    """
+    words = ["console=ttyS0", "panic=0"]
+    if variant.unknown_nmi_panic:
+        words.append("unknown_nmi_panic")
+    if variant.loads_crash_kernel:
+        words.append(f"crashkernel={CRASHKERNEL}")
+    if extra:
+        words.append(extra)
+    return " ".join(words)
+
+
+def render_init(variant: ImageVariant) -> str:
+    """The initramfs ``/init`` for ``variant``; also the crash kernel's ``/init``."""
+    load_crash_kernel = (
+        'kexec -p /boot/vmlinuz --initrd=/boot/crash-initrd.img --append="$CRASH_CMDLINE" '
+        '|| echo "CRASHLAB-ERROR kexec -p failed"'
+        if variant.loads_crash_kernel
+        else ": no crash kernel in this variant"
+    )
+    return INIT_TEMPLATE.format(
+        variant=variant.value,
+        unknown_nmi_panic=int(variant.unknown_nmi_panic),
+        crash_cmdline=CRASH_KERNEL_CMDLINE,
+        modules=" ".join(VIRTIO_MODULES),
+        load_crash_kernel=load_crash_kernel,
+    )
+
+
+INIT_TEMPLATE = r"""#!/bin/sh
+# crashlab guest init, variant {variant}. Generated by emulators/guest_image.py.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+for m in {modules}; do
+    insmod /lib/modules/$m.ko || echo "CRASHLAB-ERROR insmod $m"
+done
+
+save_dump() {{
+    n=0
+    while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.2; n=$((n + 1)); done
+    if [ ! -b /dev/vda ]; then
+        echo "CRASHLAB-DUMP-FAILED rc=no-dump-disk"
+        return
+    fi
+    {{ makedumpfile -F -c -d 31 --message-level 4 /proc/vmcore; echo $? > /tmp/rc; }} \
+        | tee /dev/vda | wc -c > /tmp/bytes
+    sync
+    rc=$(cat /tmp/rc)
+    bytes=$(tr -d " " < /tmp/bytes)
+    if [ "$rc" = 0 ]; then
+        echo "CRASHLAB-DUMP-SAVED bytes=$bytes"
+    else
+        echo "CRASHLAB-DUMP-FAILED rc=$rc"
+    fi
+}}
+
+if [ -e /proc/vmcore ]; then
+    echo "CRASHLAB-CRASH-KERNEL kernel=$(uname -r) vmcore_bytes=$(stat -c %s /proc/vmcore)"
+    save_dump
+    poweroff -f
+fi
+
+CRASH_CMDLINE="{crash_cmdline}"
+echo {unknown_nmi_panic} > /proc/sys/kernel/unknown_nmi_panic
+{load_crash_kernel}
+echo "CRASHLAB-READY variant={variant} kernel=$(uname -r)" \
+    "unknown_nmi_panic=$(cat /proc/sys/kernel/unknown_nmi_panic)" \
+    "kexec_crash_loaded=$(cat /sys/kernel/kexec_crash_loaded)"
+while :; do sleep 3600; done
+"""
+
+
+def _run(args: list[str], cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(args, check=True, capture_output=True, text=True, cwd=cwd)
+    except FileNotFoundError as exc:
+        raise ImageBuildError(f"{args[0]} is not installed") from exc
+    except subprocess.CalledProcessError as exc:
+        raise ImageBuildError(f"{' '.join(args)} failed: {exc.stderr.strip()}") from exc
+    out: str = result.stdout
+    return out
+
+
+def installed_version(package: str) -> str:
+    """The version of an installed Debian package."""
+    return _run(["dpkg-query", "-W", "-f=${Version}", package]).strip()
+
+
+def resolve_kernel_package() -> tuple[str, str]:
+    """The versioned kernel package ``linux-image-amd64`` pulls in, and its version.
+
+    ``$CRASHLAB_KERNEL_PACKAGE`` names another ``linux-image-*-amd64`` package.
+    """
+    package = os.environ.get("CRASHLAB_KERNEL_PACKAGE")
+    if not package:
+        depends = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+        found = re.search(r"Depends: (linux-image-\S+-amd64)", depends)
+        if not found:
+            raise ImageBuildError(f"{KERNEL_METAPACKAGE} depends on no linux-image package")
+        package = found.group(1)
+    policy = _run(["apt-cache", "policy", package])
+    candidate = re.search(r"Candidate: (\S+)", policy)
+    if not candidate or candidate.group(1) == "(none)":
+        raise ImageBuildError(f"apt knows no candidate for {package}; run apt-get update")
+    return package, candidate.group(1)
+
+
+def resolve_inputs(variant: ImageVariant, extra_cmdline: str = "") -> ImageInputs:
+    kernel_package, kernel_version = resolve_kernel_package()
+    return ImageInputs(
+        variant=variant,
+        kernel_package=kernel_package,
+        kernel_version=kernel_version,
+        busybox_version=installed_version("busybox-static"),
+        kexec_version=installed_version("kexec-tools"),
+        makedumpfile_version=installed_version("makedumpfile"),
+        cmdline=kernel_cmdline(variant, extra_cmdline),
+        init_script=render_init(variant),
+    )
+
+
+def build_image(
+    variant: ImageVariant | str,
+    *,
+    extra_cmdline: str = "",
+    cache: Path | None = None,
+) -> GuestImage:
+    """Return the cached image for ``variant``, building it if an input changed.
+
+    ``extra_cmdline`` is appended to the guest kernel's command line, e.g.
+    ``crash_kexec_post_notifiers`` so panic notifiers run before kdump.
+    """
+    inputs = resolve_inputs(ImageVariant(variant), extra_cmdline)
+    return build_from_inputs(inputs, cache or cache_root())
+
+
+def build_from_inputs(inputs: ImageInputs, cache: Path) -> GuestImage:
+    target = cache / "images" / f"{inputs.variant.value}-{inputs.digest()}"
+    if (target / "manifest.json").exists():
+        return load_image(target)
+    kernel_dir = unpack_kernel(inputs.kernel_package, inputs.kernel_version, cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        write_image(inputs, kernel_dir, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "manifest.json").exists():
+                raise
+            # Another process built the same image first; theirs is identical.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_image(target)
+
+
+def load_image(directory: Path) -> GuestImage:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return GuestImage(
+        variant=ImageVariant(manifest["variant"]),
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd.img",
+        cmdline=manifest["cmdline"],
+        kernel_release=manifest["kernel_release"],
+        digest=manifest["digest"],
+    )
+
+
+def write_image(inputs: ImageInputs, kernel_dir: Path, out: Path) -> None:
+    release = (kernel_dir / "release").read_text().strip()
+    shutil.copyfile(kernel_dir / "vmlinuz", out / "vmlinuz")
+    base = list(base_entries(inputs.init_script, kernel_dir))
+    extra: list[CpioEntry] = []
+    if inputs.variant.loads_crash_kernel:
+        crash_initrd = gzip.compress(cpio_archive(base), compresslevel=6, mtime=0)
+        extra = [
+            *host_binary_entries(["kexec"]),
+            CpioEntry.directory("boot"),
+            CpioEntry.file("boot/vmlinuz", (kernel_dir / "vmlinuz").read_bytes()),
+            CpioEntry.file("boot/crash-initrd.img", crash_initrd),
+        ]
+    (out / "initrd.img").write_bytes(
+        gzip.compress(cpio_archive(merge_entries(base + extra)), compresslevel=6, mtime=0)
+    )
+    manifest = {
+        "variant": inputs.variant.value,
+        "cmdline": inputs.cmdline,
+        "kernel_release": release,
+        "digest": inputs.digest(),
+        "inputs": dataclasses.asdict(inputs),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    out.chmod(0o755)
+
+
+def unpack_kernel(package: str, version: str, cache: Path) -> Path:
+    """Download the kernel package once and keep only what the image needs.
+
+    Returns a directory with ``vmlinuz``, ``release`` and ``modules/*.ko``.
+    """
+    target = cache / "kernels" / f"{package}_{version}"
+    if (target / "release").exists():
+        return target
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = next(debs.glob(f"{package}_{version.replace(':', '%3a')}_*.deb"), None)
+    if deb is None:
+        _run(["apt-get", "download", f"{package}={version}"], cwd=debs)
+        deb = next(debs.glob(f"{package}_*.deb"), None)
+        if deb is None:
+            raise ImageBuildError(f"apt-get download {package} left no .deb in {debs}")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        root = Path(tmp) / "root"
+        _run(["dpkg", "-x", str(deb), str(root)])
+        staging = Path(tmp) / "kernel"
+        (staging / "modules").mkdir(parents=True)
+        vmlinuz = next((root / "boot").glob("vmlinuz-*"))
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        shutil.copyfile(vmlinuz, staging / "vmlinuz")
+        modules = {p.name: p for p in (root / "lib/modules" / release).rglob("*.ko")}
+        for name in VIRTIO_MODULES:
+            if f"{name}.ko" not in modules:
+                raise ImageBuildError(f"{package} has no module {name}.ko")
+            shutil.copyfile(modules[f"{name}.ko"], staging / "modules" / f"{name}.ko")
+        (staging / "release").write_text(release + "\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not (target / "release").exists():
+            staging.rename(target)
+    return target
+
+
+def base_entries(init_script: str, kernel_dir: Path) -> Iterator[CpioEntry]:
+    """What both initramfs hold: /init, busybox, makedumpfile and the virtio modules."""
+    for name in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+        yield CpioEntry.directory(name)
+    yield CpioEntry.device("dev/console", major=5, minor=1)
+    yield CpioEntry.device("dev/ttyS0", major=4, minor=64)
+    yield CpioEntry.file("init", init_script.encode(), mode=0o755)
+    yield CpioEntry.file("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
+    yield CpioEntry.symlink("bin/sh", "busybox")
+    for module in VIRTIO_MODULES:
+        data = (kernel_dir / "modules" / f"{module}.ko").read_bytes()
+        yield CpioEntry.file(f"lib/modules/{module}.ko", data)
+    yield from host_binary_entries(["makedumpfile"])
+
+
+def host_binary_entries(names: Iterable[str]) -> Iterator[CpioEntry]:
+    """A host binary, placed in /bin, and the libraries ``ldd`` says it links."""
+    for name in names:
+        path = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if path is None:
+            raise ImageBuildError(f"{name} is not installed on the host")
+        yield CpioEntry.file(f"bin/{name}", Path(path).read_bytes(), mode=0o755)
+        for lib in shared_libraries(path):
+            for parent in reversed(Path(lib).relative_to("/").parents[:-1]):
+                yield CpioEntry.directory(str(parent))
+            yield CpioEntry.file(lib.lstrip("/"), Path(lib).read_bytes(), mode=0o755)
+
+
+def shared_libraries(binary: str) -> list[str]:
+    """Absolute paths of the libraries ``ldd`` resolves for ``binary``, loader included."""
+    libs = []
+    for line in _run(["ldd", binary]).splitlines():
+        found = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if found:
+            libs.append(found.group(1))
+    return libs
+
+
+def merge_entries(entries: Iterable[CpioEntry]) -> list[CpioEntry]:
+    """Drop repeated paths (shared directories and libraries), keeping the first."""
+    seen: dict[str, CpioEntry] = {}
+    for entry in entries:
+        seen.setdefault(entry.name, entry)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One member of a newc cpio archive, the format the kernel unpacks."""
+
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def file(cls, name: str, data: bytes, mode: int = 0o644) -> CpioEntry:
+        return cls(name, 0o100000 | mode, data)
+
+    @classmethod
+    def directory(cls, name: str) -> CpioEntry:
+        return cls(name, 0o040755)
+
+    @classmethod
+    def symlink(cls, name: str, target: str) -> CpioEntry:
+        return cls(name, 0o120777, target.encode())
+
+    @classmethod
+    def device(cls, name: str, major: int, minor: int) -> CpioEntry:
+        return cls(name, 0o020600, rdev=(major, minor))
+
+
+def cpio_archive(entries: Iterable[CpioEntry]) -> bytes:
+    """A newc archive built in memory, so device nodes need no root and no mknod."""
+    chunks: list[bytes] = []
+    trailer = CpioEntry("TRAILER!!!", 0)
+    for ino, entry in enumerate([*merge_entries(entries), trailer], start=1):
+        name = entry.name.encode() + b"\0"
+        fields = (
+            ino, entry.mode, 0, 0, 1, 0, len(entry.data),
+            0, 0, entry.rdev[0], entry.rdev[1], len(name), 0,
+        )  # fmt: skip
+        header = b"070701" + b"".join(b"%08X" % value for value in fields)
+        chunks += [header, name, _pad(len(header) + len(name)), entry.data, _pad(len(entry.data))]
+    return b"".join(chunks)
+
+
+def _pad(length: int) -> bytes:
+    return b"\0" * (-length % 4)

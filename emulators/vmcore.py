@@ -1,0 +1,127 @@
+"""Get the vmcore off a guest's dump disk and prove it is the guest's own.
+
+The crash kernel writes ``makedumpfile -F`` output, a *flattened* stream, to
+the raw dump disk. ``makedumpfile -R`` turns it back into a kdump-compressed
+dump; it stops at the stream's end marker, so the disk's trailing zeros are
+harmless. The dump's kernel release is read from its own header (the
+``utsname`` of makedumpfile's ``disk_dump_header``), not from ``file``'s
+wording, which changes between releases.
+
+Failures, all subclasses of ``VmcoreError``::
+
+    VmcoreError
+     ├── NoDumpOnDisk     the disk holds no flattened dump (the crash kernel wrote nothing)
+     ├── RestoreFailed    makedumpfile -R failed
+     └── NotAKdumpFile    the restored file has no kdump header
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+FLATTENED_SIGNATURE = b"makedumpfile"
+KDUMP_SIGNATURE = b"KDUMP   "
+DISKDUMP_SIGNATURE = b"DISKDUMP"
+
+# struct disk_dump_header begins: char signature[8]; int header_version;
+# struct new_utsname { char sysname, nodename, release, version, machine,
+# domainname [65]; } (makedumpfile's diskdump_mod.h).
+_HEADER = struct.Struct("<8si" + "65s" * 6)
+UTSNAME_FIELDS = ("sysname", "nodename", "release", "version", "machine", "domainname")
+
+
+class VmcoreError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class NoDumpOnDisk(VmcoreError):
+    pass
+
+
+class RestoreFailed(VmcoreError):
+    pass
+
+
+class NotAKdumpFile(VmcoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Vmcore:
+    """A restored dump and what its header says."""
+
+    path: Path
+    bytes: int
+    format: str
+    header_version: int
+    kernel_release: str
+    kernel_version: str
+    machine: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "bytes": self.bytes,
+            "format": self.format,
+            "kernel_release": self.kernel_release,
+        }
+
+
+def has_flattened_dump(disk: Path) -> bool:
+    with disk.open("rb") as f:
+        return f.read(len(FLATTENED_SIGNATURE)) == FLATTENED_SIGNATURE
+
+
+def extract_vmcore(disk: Path, out: Path) -> Vmcore:
+    """Restore the flattened dump on ``disk`` into ``out`` and read its header."""
+    if not has_flattened_dump(disk):
+        raise NoDumpOnDisk(f"{disk} holds no makedumpfile flattened dump")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    with disk.open("rb") as stream:
+        result = subprocess.run(
+            ["makedumpfile", "-R", str(out)], stdin=stream, capture_output=True, text=True
+        )
+    if result.returncode != 0 or not out.exists():
+        raise RestoreFailed(f"makedumpfile -R exited {result.returncode}: {result.stderr.strip()}")
+    return read_vmcore(out)
+
+
+def read_vmcore(path: Path) -> Vmcore:
+    """Parse the diskdump header of a kdump-compressed (or diskdump) file."""
+    with path.open("rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise NotAKdumpFile(f"{path} is too short for a kdump header")
+    signature, header_version, *utsname = _HEADER.unpack(head)
+    formats = {KDUMP_SIGNATURE: "kdump-compressed", DISKDUMP_SIGNATURE: "diskdump"}
+    if signature not in formats:
+        raise NotAKdumpFile(f"{path} starts with {signature!r}, not a kdump signature")
+    uts = dict(zip(UTSNAME_FIELDS, (_cstring(field) for field in utsname), strict=True))
+    return Vmcore(
+        path=path,
+        bytes=path.stat().st_size,
+        format=formats[signature],
+        header_version=header_version,
+        kernel_release=uts["release"],
+        kernel_version=uts["version"],
+        machine=uts["machine"],
+    )
+
+
+def describe(path: Path) -> str:
+    """``file``'s description, for humans; the verdict never depends on it."""
+    result = subprocess.run(["file", "-b", str(path)], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
