@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict
 
 
 class DriverError(Exception):
-    """Base of every failure a driver reports. ``str()`` is the event detail."""
+    """Base of every failure a driver reports. ``str()`` is the event detail.
+
+    ``nmi_not_sent`` is True on errors raised before anything reached the
+    backend's NMI call, so a retry cannot interrupt a dump in progress.
+    """
+
+    nmi_not_sent: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -42,22 +48,28 @@ class DriverError(Exception):
 
 
 class NMINotSupported(DriverError):
+    nmi_not_sent = True
+
     def __init__(self, message: str = "Triggering crash dump is not supported") -> None:
         super().__init__(message)
 
 
 class InstanceNotRunning(DriverError):
+    nmi_not_sent = True
+
     def __init__(self, instance_id: str) -> None:
         super().__init__(f"Instance {instance_id} is not running.")
 
 
 class ServerPoweredOff(DriverError):
+    nmi_not_sent = True
+
     def __init__(self, message: str = "server is powered off") -> None:
         super().__init__(message)
 
 
 class ServerNotFound(DriverError):
-    pass
+    nmi_not_sent = True
 
 
 class BackendError(DriverError):
@@ -69,11 +81,15 @@ class BackendUnreachable(BackendError):
 
 
 class BackendAuthFailed(BackendError):
-    pass
+    nmi_not_sent = True
 
 
 class BackendRejected(BackendError):
     pass
+
+
+def may_have_sent_nmi(error: DriverError) -> bool:
+    return not error.nmi_not_sent
 
 
 class PowerState(enum.IntEnum):

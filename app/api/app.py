@@ -1,0 +1,82 @@
+"""Builds the crashlab ASGI application from a config."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from app.api import extension, identity, instance_actions, servers, versions
+from app.api.faults import install_fault_handlers
+from app.api.middleware import NovaHeadersMiddleware
+from app.backends import Backends
+from app.config import Config, ConfigError
+from app.crypto import SecretBox, load_or_create_key
+from app.dispatch import CrashDumpDispatcher
+from app.identity import TokenStore
+from app.policy import PolicyEnforcer
+from app.service import ComputeService, build_server_record
+from app.store import Store
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_STATE_FILE = Path("var/crashlab.db")
+
+
+def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
+    state_path = state_file or config.resolve(config.state_file) or DEFAULT_STATE_FILE
+    policy_path = config.resolve(config.policy_file)
+    if policy_path is not None and not policy_path.is_file():
+        raise ConfigError(f"policy_file: {policy_path} does not exist")
+    store = Store(state_path)
+    box = SecretBox(load_or_create_key(config.fernet_key, state_path.with_suffix(".key")))
+    backends = Backends(box, workers=config.driver_workers)
+    compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box)
+    dispatcher = CrashDumpDispatcher(compute, backends, timeout=config.driver_timeout_seconds)
+    _load_inventory(config, store, box)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        recovered = dispatcher.recover()
+        if recovered:
+            LOG.warning("%d crash dump event(s) were left running; marked Error", recovered)
+        yield
+        backends.close()
+
+    app = FastAPI(
+        title="crashlab",
+        version="0.1.0",
+        description="Nova-compatible trigger_crash_dump (microversion 2.17) over libvirt, "
+        "IPMI and Redfish, with an embedded Keystone v3 subset.",
+        lifespan=lifespan,
+    )
+    app.state.service = compute
+    app.state.dispatcher = dispatcher
+    app.state.tokens = TokenStore(config.identity)
+    install_fault_handlers(app)
+    for module in (versions, identity, servers, instance_actions, extension):
+        app.include_router(module.router)
+    app.add_middleware(NovaHeadersMiddleware, max_body_bytes=config.max_body_bytes)
+    return app
+
+
+def _load_inventory(config: Config, store: Store, box: SecretBox) -> None:
+    """Config servers are upserted; their runtime state is kept across restarts."""
+    for server in config.servers:
+        record = build_server_record(
+            config.identity,
+            box,
+            uuid=server.server_uuid,
+            name=server.name,
+            project=server.project_id,
+            user=server.user_id,
+            driver=server.driver,
+            driver_info=server.driver_info,
+            source="config",
+        )
+        record.vm_state_override = server.vm_state
+        record.locked_by = server.locked_by
+        store.upsert_config_server(record)

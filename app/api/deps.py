@@ -1,0 +1,52 @@
+"""Request-scoped inputs shared by the routes: the caller, the version, the body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from app.api.microversion import MIN_VERSION, APIVersion
+from app.exceptions import MalformedBody, Unauthorized, UnsupportedMediaType
+from app.service import ComputeService, Context
+
+# Nova's wsgi.Request accepts these; a missing Content-Type means JSON.
+JSON_TYPES = ("application/json", "application/vnd.openstack.compute+json")
+
+
+def service(request: Request) -> ComputeService:
+    compute: ComputeService = request.app.state.service
+    return compute
+
+
+def context(request: Request) -> Context:
+    """The authenticated caller, from X-Auth-Token; 401 otherwise."""
+    token = request.app.state.tokens.validate(request.headers.get("x-auth-token"))
+    if token is None:
+        raise Unauthorized()
+    compute = service(request)
+    return Context(
+        credentials=token.credentials,
+        is_admin=compute.policy.is_admin(token.credentials),
+        request_id=request.state.request_id,
+    )
+
+
+def api_version(request: Request) -> APIVersion:
+    version: APIVersion = getattr(request.state, "api_version", MIN_VERSION)
+    return version
+
+
+async def json_body(request: Request) -> Any:
+    """The parsed JSON body, or None when there is none."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type and content_type not in JSON_TYPES:
+        raise UnsupportedMediaType("Unsupported Content-Type")
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedBody() from None

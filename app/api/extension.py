@@ -1,0 +1,125 @@
+"""/v2.1/crashlab: crashlab's own extension, beyond Nova.
+
+- the inventory: register, list, show and remove servers (admin only);
+- a trigger that passes the NMI storm guard (admin only);
+- an instance action with each event's ``details``, which Nova shows only
+  from microversion 2.84;
+- the drivers and what each declares it supports.
+
+BMC passwords are stored encrypted and always shown as a mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
+
+from app.api import validation
+from app.api.deps import context, json_body, service
+from app.api.views import action_event, instance_action
+from app.backends import masked_settings
+from app.service import ComputeService, Context
+from app.store import ServerRecord
+from drivers import all_driver_classes
+
+router = APIRouter(prefix="/v2.1/crashlab")
+
+
+def registration(record: ServerRecord) -> dict[str, Any]:
+    return {
+        "uuid": record.uuid,
+        "name": record.name,
+        "project_id": record.project_id,
+        "user_id": record.user_id,
+        "driver": record.driver,
+        "driver_info": masked_settings(record.driver, record.driver_info),
+        "source": record.source,
+        "locked_by": record.locked_by,
+    }
+
+
+@router.get("/servers", summary="List registered servers (admin)")
+def list_registered(
+    ctx: Context = Depends(context), compute: ComputeService = Depends(service)
+) -> dict[str, Any]:
+    return {"servers": [registration(r) for r in compute.list_registered(ctx)]}
+
+
+@router.post("/servers", status_code=201, summary="Register a server (admin)")
+def register_server(
+    body: Any = Depends(json_body),
+    ctx: Context = Depends(context),
+    compute: ComputeService = Depends(service),
+) -> JSONResponse:
+    validation.validate(validation.REGISTER_SERVER, body)
+    record = compute.register_server(ctx, body["server"])
+    return JSONResponse({"server": registration(record)}, status_code=201)
+
+
+@router.get("/servers/{server_id}", summary="Show a registered server (admin)")
+def show_registered(
+    server_id: str, ctx: Context = Depends(context), compute: ComputeService = Depends(service)
+) -> dict[str, Any]:
+    return {"server": registration(compute.get_registered(ctx, server_id))}
+
+
+@router.delete("/servers/{server_id}", status_code=204, summary="Remove a server (admin)")
+def unregister_server(
+    server_id: str, ctx: Context = Depends(context), compute: ComputeService = Depends(service)
+) -> Response:
+    compute.unregister_server(ctx, server_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/servers/{server_id}/action",
+    status_code=202,
+    response_class=Response,
+    summary="Trigger a crash dump past the NMI storm guard (admin)",
+)
+def forced_trigger(
+    request: Request,
+    server_id: str,
+    body: Any = Depends(json_body),
+    ctx: Context = Depends(context),
+    compute: ComputeService = Depends(service),
+) -> Response:
+    validation.validate(validation.FORCED_TRIGGER, body)
+    ignore = body["trigger_crash_dump"]["ignore_nmi_guard"]
+    pending = compute.trigger_crash_dump(ctx, server_id, ignore_nmi_guard=ignore)
+    dispatcher = request.app.state.dispatcher
+    return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
+
+
+@router.get(
+    "/servers/{server_id}/os-instance-actions/{request_id}",
+    summary="Show an instance action with each event's details",
+)
+def show_action_details(
+    server_id: str,
+    request_id: str,
+    ctx: Context = Depends(context),
+    compute: ComputeService = Depends(service),
+) -> dict[str, Any]:
+    action, show_traceback = compute.get_action(ctx, server_id, request_id)
+    events = []
+    for event in action.events:
+        shown = action_event(event)
+        shown["details"] = event.details
+        if not show_traceback:
+            del shown["traceback"]
+        events.append(shown)
+    return {"instanceAction": {**instance_action(action), "events": events}}
+
+
+@router.get("/drivers", summary="List drivers and their declared capabilities")
+def list_drivers(ctx: Context = Depends(context)) -> dict[str, Any]:
+    return {
+        "drivers": [
+            {"name": cls.name, "description": cls.description, "capabilities": sorted(cls.capabilities)}
+            for cls in all_driver_classes()
+        ]
+    }

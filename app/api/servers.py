@@ -1,0 +1,170 @@
+"""/v2.1/servers: list, show, and the server action (Nova's ServersController)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.background import BackgroundTask
+
+from app import policy as rules
+from app.api import validation
+from app.api.deps import api_version, context, json_body, service
+from app.api.microversion import TRIGGER_CRASH_DUMP_VERSION, APIVersion
+from app.api.views import server_detail, server_summary
+from app.exceptions import MalformedBody, NoSuchAction, NotFound
+from app.service import ComputeService, Context, ServerView
+
+router = APIRouter(prefix="/v2.1")
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/v2.1"
+
+
+def _detail(
+    request: Request, compute: ComputeService, ctx: Context, version: APIVersion, view: ServerView
+) -> dict[str, Any]:
+    target = {"project_id": view.record.project_id}
+    return server_detail(
+        view,
+        _base(request),
+        version,
+        show_extended=compute.policy.allowed(rules.EXTENDED_ATTRIBUTES, target, ctx.credentials),
+        show_host_status=compute.policy.allowed(
+            rules.SERVERS_SHOW_HOST_STATUS, target, ctx.credentials
+        ),
+    )
+
+
+def _all_tenants(request: Request) -> bool:
+    # Nova treats any value of all_tenants but an explicit false as true.
+    value = request.query_params.get("all_tenants")
+    return value is not None and value.lower() not in ("0", "false", "off", "no")
+
+
+@router.get("/servers", summary="List servers")
+def list_servers(
+    request: Request,
+    name: str | None = None,
+    ctx: Context = Depends(context),
+    compute: ComputeService = Depends(service),
+) -> dict[str, Any]:
+    views = compute.list(ctx, detail=False, name=name, all_tenants=_all_tenants(request))
+    return {"servers": [server_summary(v, _base(request)) for v in views]}
+
+
+@router.get("/servers/detail", summary="List servers with details")
+def list_servers_detail(
+    request: Request,
+    name: str | None = None,
+    ctx: Context = Depends(context),
+    version: APIVersion = Depends(api_version),
+    compute: ComputeService = Depends(service),
+) -> dict[str, Any]:
+    views = compute.list(ctx, detail=True, name=name, all_tenants=_all_tenants(request))
+    return {"servers": [_detail(request, compute, ctx, version, v) for v in views]}
+
+
+@router.get("/servers/{server_id}", summary="Show a server")
+def show_server(
+    request: Request,
+    server_id: str,
+    ctx: Context = Depends(context),
+    version: APIVersion = Depends(api_version),
+    compute: ComputeService = Depends(service),
+) -> dict[str, Any]:
+    view = compute.show(ctx, server_id)
+    return {"server": _detail(request, compute, ctx, version, view)}
+
+
+@router.post(
+    "/servers/{server_id}/action",
+    status_code=202,
+    summary="Run a server action: trigger_crash_dump, lock, unlock or os-resetState",
+    response_class=Response,
+)
+def server_action(
+    request: Request,
+    server_id: str,
+    body: Any = Depends(json_body),
+    ctx: Context = Depends(context),
+    version: APIVersion = Depends(api_version),
+    compute: ComputeService = Depends(service),
+) -> Response:
+    # nova/api/openstack/wsgi.py action_peek: exactly one top-level key.
+    if not isinstance(body, dict) or len(body) != 1:
+        raise MalformedBody()
+    name = next(iter(body))
+    handler = ACTIONS.get(name)
+    if handler is None:
+        raise NoSuchAction(name)
+    return handler(request, compute, ctx, version, server_id, body)
+
+
+def _trigger_crash_dump(
+    request: Request,
+    compute: ComputeService,
+    ctx: Context,
+    version: APIVersion,
+    server_id: str,
+    body: dict[str, Any],
+) -> Response:
+    # Below 2.17 the action does not exist: Nova answers webob's plain 404.
+    if version < TRIGGER_CRASH_DUMP_VERSION:
+        raise NotFound()
+    validation.validate(validation.TRIGGER_CRASH_DUMP, body)
+    pending = compute.trigger_crash_dump(ctx, server_id)
+    dispatcher = request.app.state.dispatcher
+    return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
+
+
+def _lock(
+    request: Request,
+    compute: ComputeService,
+    ctx: Context,
+    version: APIVersion,
+    server_id: str,
+    body: dict[str, Any],
+) -> Response:
+    validation.validate(validation.LOCK, body)
+    compute.lock(ctx, server_id)
+    return Response(status_code=202)
+
+
+def _unlock(
+    request: Request,
+    compute: ComputeService,
+    ctx: Context,
+    version: APIVersion,
+    server_id: str,
+    body: dict[str, Any],
+) -> Response:
+    validation.validate(validation.UNLOCK, body)
+    compute.unlock(ctx, server_id)
+    return Response(status_code=202)
+
+
+def _reset_state(
+    request: Request,
+    compute: ComputeService,
+    ctx: Context,
+    version: APIVersion,
+    server_id: str,
+    body: dict[str, Any],
+) -> Response:
+    validation.validate(validation.RESET_STATE, body)
+    compute.reset_state(ctx, server_id, body["os-resetState"]["state"])
+    return Response(status_code=202)
+
+
+ActionHandler = Callable[
+    [Request, ComputeService, Context, APIVersion, str, dict[str, Any]], Response
+]
+ACTIONS: dict[str, ActionHandler] = {
+    "trigger_crash_dump": _trigger_crash_dump,
+    "lock": _lock,
+    "unlock": _unlock,
+    "os-resetState": _reset_state,
+}

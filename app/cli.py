@@ -1,0 +1,202 @@
+"""The ``crashlab`` command: serve the API, talk to it, run scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.client import ClientError, CrashlabClient, Credentials
+from app.config import ConfigError, load_config
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"crashlab: config error: {error}", file=sys.stderr)
+        return 2
+    except (ClientError, ValueError, TimeoutError) as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crashlab", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="serve the API")
+    serve.add_argument("--config", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8774)
+    serve.add_argument("--state", type=Path, help="SQLite state file (overrides the config)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=_serve)
+
+    hash_pw = commands.add_parser("hash-password", help="print a bcrypt hash for the config")
+    hash_pw.add_argument("password", nargs="?", help="read from the terminal when omitted")
+    hash_pw.set_defaults(handler=_hash_password)
+
+    matrix = commands.add_parser("support-matrix", help="print what each driver supports")
+    matrix.set_defaults(handler=_support_matrix)
+
+    trigger = commands.add_parser("trigger-crash", help="trigger a crash dump in a server")
+    _client_flags(trigger)
+    trigger.add_argument("server", help="name or uuid")
+    trigger.add_argument("--wait", action="store_true", help="wait for the event's result")
+    trigger.add_argument("--timeout", type=float, default=120.0)
+    trigger.set_defaults(handler=_trigger_crash)
+
+    server = commands.add_parser("server", help="servers").add_subparsers(title="server commands")
+    server_list = server.add_parser("list", help="list servers")
+    _client_flags(server_list)
+    server_list.set_defaults(handler=_server_list)
+
+    action = commands.add_parser("action", help="instance actions").add_subparsers(
+        title="action commands"
+    )
+    action_list = action.add_parser("list", help="list a server's actions")
+    _client_flags(action_list)
+    action_list.add_argument("server")
+    action_list.set_defaults(handler=_action_list)
+    action_show = action.add_parser("show", help="show one action and its events")
+    _client_flags(action_show)
+    action_show.add_argument("server")
+    action_show.add_argument("request_id")
+    action_show.set_defaults(handler=_action_show)
+
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands: Any) -> None:
+    """Scenario and benchmark commands live with their own code."""
+    try:
+        from scenarios.cli import add_scenario_parser
+    except ImportError:
+        pass
+    else:
+        add_scenario_parser(commands)
+    try:
+        from scenarios.bench import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(commands)
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--os-auth-url", help="default: $OS_AUTH_URL")
+    parser.add_argument("--os-username", help="default: $OS_USERNAME")
+    parser.add_argument("--os-password", help="default: $OS_PASSWORD")
+    parser.add_argument("--os-project-name", help="default: $OS_PROJECT_NAME")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _client(args: argparse.Namespace) -> CrashlabClient:
+    return CrashlabClient(
+        Credentials.from_env(
+            auth_url=args.os_auth_url,
+            username=args.os_username,
+            password=args.os_password,
+            project_name=args.os_project_name,
+        )
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.api.app import create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(load_config(args.config), state_file=args.state)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    from app.identity import hash_password
+
+    password = args.password or getpass.getpass("password: ")
+    print(hash_password(password))
+    return 0
+
+
+def _support_matrix(_args: argparse.Namespace) -> int:
+    from drivers.matrix import support_matrix_markdown
+
+    print(support_matrix_markdown())
+    return 0
+
+
+def _trigger_crash(args: argparse.Namespace) -> int:
+    client = _client(args)
+    server = client.find_server(args.server)
+    request_id = client.trigger_crash_dump(server["id"])
+    if not args.wait:
+        _print(args, {"server_id": server["id"], "request_id": request_id}, f"Accepted: {request_id}")
+        return 0
+    action = client.wait_for_event(server["id"], request_id, timeout=args.timeout)
+    event = action["events"][0]
+    text = f"{event['event']}: {event['result']}" + (
+        f" ({event['details']})" if event.get("details") else ""
+    )
+    _print(args, {"server_id": server["id"], "request_id": request_id, "event": event}, text)
+    return 0 if event["result"] == "Success" else 1
+
+
+def _server_list(args: argparse.Namespace) -> int:
+    servers = _client(args).list_servers()
+    rows = [
+        [s["id"], s["name"], s["status"], str(s["OS-EXT-STS:power_state"]), str(s.get("locked", ""))]
+        for s in servers
+    ]
+    _print(args, servers, _table(["ID", "Name", "Status", "Power", "Locked"], rows))
+    return 0
+
+
+def _action_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    actions = client.list_actions(client.find_server(args.server)["id"])
+    rows = [[a["action"], a["request_id"], str(a["message"]), a["start_time"]] for a in actions]
+    _print(args, actions, _table(["Action", "Request_ID", "Message", "Start_Time"], rows))
+    return 0
+
+
+def _action_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    action = client.get_action(client.find_server(args.server)["id"], args.request_id)
+    _print(args, action, json.dumps(action, indent=2))
+    return 0
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    return "\n".join([line, fmt(headers), line, *(fmt(r) for r in rows), line])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

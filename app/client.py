@@ -1,0 +1,159 @@
+"""A small REST client for crashlab (and any Nova), used by the CLI and scenarios.
+
+It authenticates against Keystone v3 like any OpenStack client and finds the
+compute endpoint in the token's catalog.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+MICROVERSION = "2.17"
+
+
+class ClientError(Exception):
+    """An API call failed; the message is the API's own fault message."""
+
+    def __init__(self, status: int, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{message} (HTTP {status})" + (f" (Request-ID: {request_id})" if request_id else ""))
+        self.status = status
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Credentials:
+    auth_url: str
+    username: str
+    password: str
+    project_name: str
+    user_domain: str = "Default"
+    project_domain: str = "Default"
+
+    @classmethod
+    def from_env(cls, **overrides: str | None) -> Credentials:
+        values = {
+            "auth_url": os.environ.get("OS_AUTH_URL"),
+            "username": os.environ.get("OS_USERNAME"),
+            "password": os.environ.get("OS_PASSWORD"),
+            "project_name": os.environ.get("OS_PROJECT_NAME"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        missing = [k for k, v in values.items() if not v]
+        if missing:
+            names = ", ".join(f"OS_{k.upper()}" for k in missing)
+            raise ValueError(f"missing credentials: set {names} or pass the matching --os-* flags")
+        return cls(**{k: str(v) for k, v in values.items()})
+
+
+class CrashlabClient:
+    def __init__(self, credentials: Credentials, timeout: float = 30.0) -> None:
+        self.credentials = credentials
+        self.http = httpx.Client(timeout=timeout)
+        self.token, self.compute_url = self._authenticate()
+
+    def _authenticate(self) -> tuple[str, str]:
+        creds = self.credentials
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": creds.username,
+                            "password": creds.password,
+                            "domain": {"name": creds.user_domain},
+                        }
+                    },
+                },
+                "scope": {"project": {"name": creds.project_name, "domain": {"name": creds.project_domain}}},
+            }
+        }
+        response = self.http.post(creds.auth_url.rstrip("/") + "/auth/tokens", json=body)
+        _raise_for_fault(response)
+        catalog = response.json()["token"]["catalog"]
+        compute = next(s for s in catalog if s["type"] == "compute")
+        url = next(e["url"] for e in compute["endpoints"] if e["interface"] == "public")
+        return response.headers["X-Subject-Token"], url.rstrip("/")
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {
+            "X-Auth-Token": self.token,
+            "OpenStack-API-Version": f"compute {MICROVERSION}",
+            "X-OpenStack-Nova-API-Version": MICROVERSION,
+            **kwargs.pop("headers", {}),
+        }
+        response = self.http.request(method, self.compute_url + path, headers=headers, **kwargs)
+        _raise_for_fault(response)
+        return response
+
+    def list_servers(self, detail: bool = True) -> list[dict[str, Any]]:
+        servers: list[dict[str, Any]] = self.request("GET", "/servers/detail" if detail else "/servers").json()["servers"]
+        return servers
+
+    def find_server(self, name_or_id: str) -> dict[str, Any]:
+        """By uuid, else by exact name, as the OpenStack clients resolve it."""
+        if _is_uuid(name_or_id):
+            server: dict[str, Any] = self.request("GET", f"/servers/{name_or_id}").json()["server"]
+            return server
+        matches = [s for s in self.list_servers() if s["name"] == name_or_id]
+        if len(matches) != 1:
+            reason = "No server" if not matches else "More than one server"
+            raise ClientError(404, f"{reason} with a name or ID of '{name_or_id}' exists.")
+        return matches[0]
+
+    def trigger_crash_dump(self, server_id: str) -> str:
+        """Returns the request id, which names the instance action."""
+        response = self.request("POST", f"/servers/{server_id}/action", json={"trigger_crash_dump": None})
+        return response.headers["x-openstack-request-id"]
+
+    def list_actions(self, server_id: str) -> list[dict[str, Any]]:
+        actions: list[dict[str, Any]] = self.request("GET", f"/servers/{server_id}/os-instance-actions").json()["instanceActions"]
+        return actions
+
+    def get_action(self, server_id: str, request_id: str) -> dict[str, Any]:
+        """The action with its events and their details (crashlab extension)."""
+        path = f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}"
+        action: dict[str, Any] = self.request("GET", path).json()["instanceAction"]
+        return action
+
+    def wait_for_event(self, server_id: str, request_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Poll until every event of the action has a result."""
+        deadline = time.monotonic() + timeout
+        while True:
+            action = self.get_action(server_id, request_id)
+            if action["events"] and all(e["result"] for e in action["events"]):
+                return action
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result for {request_id} within {timeout:g} s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _raise_for_fault(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    message = response.reason_phrase
+    try:
+        body = response.json()
+        fault = next(iter(body.values()))
+        message = fault.get("message", message)
+    except (ValueError, StopIteration, AttributeError):
+        pass
+    raise ClientError(response.status_code, message, response.headers.get("x-compute-request-id"))
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

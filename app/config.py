@@ -1,0 +1,178 @@
+"""crashlab's one YAML config file: identity, inventory and service settings.
+
+Validated on load; a bad file fails at start-up with the offending key named.
+The schema is documented in the README ("Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drivers import UnknownDriver, driver_class
+
+# Stable ids derived from names, so a config needs no hand-made uuids.
+ID_NAMESPACE = uuid.UUID("5b0e7a8e-3c47-4c8a-9d54-7c1f0c2b6a11")
+DEFAULT_DOMAIN_ID = "default"
+DEFAULT_DOMAIN_NAME = "Default"
+# Keystone's default implied roles: admin implies member implies reader.
+IMPLIED_ROLES = {"admin": ["member", "reader"], "member": ["reader"]}
+
+
+def derived_id(kind: str, name: str) -> str:
+    return uuid.uuid5(ID_NAMESPACE, f"{kind}:{name}").hex
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserConfig(_Strict):
+    name: str
+    id: str | None = None
+    password_hash: str = Field(description="bcrypt hash, from `crashlab hash-password`")
+    project: str = Field(description="name of the project the user's token is scoped to")
+    roles: list[str]
+
+    @property
+    def user_id(self) -> str:
+        return self.id or derived_id("user", self.name)
+
+    @property
+    def effective_roles(self) -> list[str]:
+        roles = list(self.roles)
+        for role in self.roles:
+            roles += [r for r in IMPLIED_ROLES.get(role, []) if r not in roles]
+        return roles
+
+
+class ProjectConfig(_Strict):
+    name: str
+    id: str | None = None
+
+    @property
+    def project_id(self) -> str:
+        return self.id or derived_id("project", self.name)
+
+
+class IdentityConfig(_Strict):
+    token_ttl_seconds: int = Field(3600, gt=0)
+    region: str = "RegionOne"
+    projects: list[ProjectConfig] = []
+    users: list[UserConfig] = []
+
+    @model_validator(mode="after")
+    def _projects_from_users(self) -> IdentityConfig:
+        known = {p.name for p in self.projects}
+        for user in self.users:
+            if user.project not in known:
+                self.projects.append(ProjectConfig(name=user.project))
+                known.add(user.project)
+        return self
+
+    def project_by_name_or_id(self, key: str) -> ProjectConfig | None:
+        return next((p for p in self.projects if key in (p.name, p.project_id)), None)
+
+    def user_by_name_or_id(self, key: str) -> UserConfig | None:
+        return next((u for u in self.users if key in (u.name, u.user_id)), None)
+
+
+class ServerConfig(_Strict):
+    uuid: str | None = None
+    name: str
+    project_id: str = Field(description="project name or id")
+    user_id: str = Field(description="user name or id")
+    driver: str
+    driver_info: dict[str, Any] = {}
+    # Initial runtime state, applied when the server is first recorded.
+    vm_state: Literal["error"] | None = None
+    locked_by: Literal["admin", "owner"] | None = None
+
+    @property
+    def server_uuid(self) -> str:
+        return self.uuid or str(uuid.uuid5(ID_NAMESPACE, f"server:{self.name}"))
+
+
+class NMIGuardConfig(_Strict):
+    """crashlab's storm guard, beyond Nova: one NMI at a time per server."""
+
+    enabled: bool = True
+    cooldown_seconds: float = Field(60.0, ge=0)
+
+
+class Config(_Strict):
+    state_file: Path | None = None
+    policy_file: Path | None = None
+    secret_key: str | None = Field(
+        None, description="Fernet key for BMC passwords; else $CRASHLAB_SECRET_KEY"
+    )
+    host_name: str = "crashlab"
+    max_body_bytes: int = Field(65536, gt=0)
+    driver_workers: int = Field(256, gt=0)
+    driver_timeout_seconds: float = Field(60.0, gt=0)
+    nmi_guard: NMIGuardConfig = NMIGuardConfig()
+    identity: IdentityConfig = IdentityConfig()
+    servers: list[ServerConfig] = []
+
+    # Set by load_config: the directory relative paths resolve against.
+    base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Config:
+        names: set[str] = set()
+        for index, server in enumerate(self.servers):
+            where = f"servers[{index}] ({server.name})"
+            if server.server_uuid in names:
+                raise ValueError(f"{where}: duplicate uuid {server.server_uuid}")
+            names.add(server.server_uuid)
+            if self.identity.project_by_name_or_id(server.project_id) is None:
+                raise ValueError(f"{where}.project_id: unknown project {server.project_id!r}")
+            if self.identity.user_by_name_or_id(server.user_id) is None:
+                raise ValueError(f"{where}.user_id: unknown user {server.user_id!r}")
+            try:
+                driver_class(server.driver).parse_settings(server.driver_info)
+            except UnknownDriver as exc:
+                raise ValueError(f"{where}.driver: {exc}") from None
+            except ValidationError as exc:
+                raise ValueError(f"{where}.driver_info: {_first_error(exc)}") from None
+        return self
+
+    def resolve(self, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def fernet_key(self) -> str | None:
+        return self.secret_key or os.environ.get("CRASHLAB_SECRET_KEY")
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"])
+    return f"{location}: {error['msg']}" if location else str(error["msg"])
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        config = Config.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_error(exc)}") from None
+    return config
