@@ -10,6 +10,10 @@ see as a ComputerSystem whose id is the domain's libvirt UUID::
         bmc.system_id("guest-1")      # libvirt UUID of the domain
         bmc.stop(); bmc.start()       # the BMC goes dark, then comes back on its port
 
+``domains`` uses ``SUSHY_EMULATOR_ALLOWED_INSTANCES``. sushy-tools 2.2.0 answers
+HTTP 500, not 404, for a system outside that list (its ``api_utils`` shadows its
+``error`` module), and it matches UUIDs only, so domain names are refused too.
+
 Basic auth uses ``SUSHY_EMULATOR_AUTH_FILE``: an Apache htpasswd file in which
 sushy-tools accepts only bcrypt digests (``$2b$``). Everything lives under
 ``workdir/sushy``, including sushy-tools' state database, which would otherwise
@@ -158,7 +162,8 @@ class SushyEmulator:
         return path
 
     def _write_auth_file(self) -> None:
-        digest = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt()).decode()
+        # sushy-tools checks the digest on every request: the lowest cost keeps it ~1 ms.
+        digest = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=4)).decode()
         _write_private(self.root / "htpasswd", f"{self.username}:{digest}\n")
 
     def _write_config(self) -> None:

@@ -1,0 +1,311 @@
+"""IPMI BMCs over RMCP+ (lanplus), reached with pyghmi: chassis control 4.
+
+``trigger_crash_dump`` sends Chassis Control (netfn 0x00, cmd 0x02) with
+directive 4, "pulse diagnostic interrupt": the bytes ``ipmitool chassis power
+diag`` sends, and what Ironic's ipmitool driver sends for ``inject_nmi``. It
+reads Get Chassis Status first: BMC emulators answer success for a powered-off
+server without sending anything, so an off server raises ``ServerPoweredOff``.
+
+Cipher suites: negotiated, not forced
+-------------------------------------
+pyghmi 1.6 proposes cipher suite 17 (SHA-256) in the RMCP+ Open Session Request
+and falls back to suite 3 (SHA-1) only when the BMC refuses with a non-zero
+status. virtualbmc (pyghmi's own BMC server) accepts with status 0 but answers
+with the suite-3 algorithms, which per IPMI 2.0 §13.17 are the ones the session
+uses; pyghmi ignores them, hashes RAKP 2 with SHA-256 and dies with
+``struct.error: pack expected 32 items``. ``NegotiatingSession`` reads the
+algorithms the BMC chose and switches to SHA-1 before RAKP 1, so
+
+- a BMC that accepts suite 17 keeps SHA-256 (standard BMCs are not downgraded);
+- a BMC that refuses suite 17 takes pyghmi's own fallback, unchanged;
+- a BMC that answers with suite-3 algorithms (virtualbmc) works.
+
+Rejected: forcing suite 3 for every BMC (downgrades real hardware), a per-server
+"suite" setting (operators must know an emulator quirk), and retrying after the
+failure (it surfaces as a ``struct.error`` inside pyghmi and costs a timeout).
+It is a subclass used only by this driver, not a patch of pyghmi. It relies on
+private pyghmi names; tests/drivers/test_ipmi.py pins them and logs in to a real
+virtualbmc, so a pyghmi upgrade that moves them fails the tests, not production.
+
+Two more pyghmi 1.6 behaviours this driver works around:
+
+- A failed login leaves the session in ``Session.initting_sessions`` when the
+  credentials are ``str`` (the key is built from ``str``, removed with ``bytes``),
+  and every later login with the same credentials gets that dead session back.
+  Credentials are therefore passed as ``bytes``.
+- A BMC that never answers RAKP 1 (virtualbmc, for an unknown username) makes
+  pyghmi re-login forever. ``NegotiatingSession`` gives up at the caller's deadline.
+
+Threads and time
+----------------
+pyghmi runs one I/O thread for all sessions; callers wait on it, so calls to
+different BMCs proceed in parallel. Each call runs in its own daemon thread and
+the caller waits at most ``timeout`` seconds, whatever pyghmi's own retry timers
+do; a dead BMC costs only the calls made to it. Calls to one BMC are serialized
+(pyghmi allows one command in flight per session), and each call logs in and
+out, so no session outlives it and a restarted BMC needs nothing special.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import Field
+from pyghmi import exceptions as pyghmi_exceptions
+from pyghmi.ipmi.private import constants as ipmi_constants
+from pyghmi.ipmi.private import session as ipmi_session
+
+from drivers.base import (
+    BackendAuthFailed,
+    BackendError,
+    BackendRejected,
+    BackendUnreachable,
+    Driver,
+    DriverError,
+    DriverSettings,
+    PowerState,
+    ServerPoweredOff,
+)
+
+T = TypeVar("T")
+
+NETFN_CHASSIS = 0x00
+CMD_GET_CHASSIS_STATUS = 0x01
+CMD_CHASSIS_CONTROL = 0x02
+PULSE_DIAGNOSTIC_INTERRUPT = 0x04
+# pyghmi reports its own retry timeout as this pseudo completion code.
+_PYGHMI_TIMEOUT = 0xFFFF
+
+# Open Session Response (IPMI 2.0 table 13-10): the algorithm byte of each payload.
+_AUTH_ALGORITHM = 16
+_INTEGRITY_ALGORITHM = 24
+_OPEN_SESSION_RESPONSE_LENGTH = 36
+_RAKP_HMAC_SHA1 = 1
+_HMAC_SHA1_96 = 1
+
+# Login errors (pyghmi's words) that mean the BMC refused these credentials.
+_AUTH_ERRORS = (
+    "Incorrect password",
+    "Unauthorized name",
+    "Invalid role",
+    "Unauthorized role",
+    "privilege",
+    "Invalid user name",
+)
+
+
+class IPMISettings(DriverSettings):
+    """How to reach one server's BMC."""
+
+    address: str = Field(min_length=1)
+    port: int = Field(623, ge=1, le=65535)
+    username: str = Field(max_length=16)  # IPMI 2.0 user names are 16 bytes at most
+    password: str = Field(max_length=20)  # RAKP passwords are 20 bytes at most
+    timeout: float = Field(10.0, gt=0, le=60, description="seconds to wait for the BMC")
+
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"password"})
+
+
+class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
+    """pyghmi's RMCP+ client session, using the cipher suite the BMC chose.
+
+    See the module docstring. ``login_deadline`` (monotonic seconds) bounds how
+    long a login (or re-login) may keep retrying; it is the calling driver's deadline.
+    """
+
+    login_deadline: float = float("inf")
+    open_session_accepted: bool = False
+
+    def login(self) -> None:
+        call = getattr(_current_call, "value", None)
+        if call is not None:
+            call.session = self
+            self.login_deadline = call.deadline
+        super().login()
+
+    def _got_rmcp_response(self, data: bytearray) -> Any:
+        if self._accepted(data):
+            self.open_session_accepted = True
+            if self._bmc_chose_sha1(data):
+                self.attemptedhash = _RAKP_HMAC_SHA1
+                self.currhashlib = hashlib.sha1
+                self.currhashlen = 12  # HMAC-SHA1-96
+        return super()._got_rmcp_response(data)
+
+    def _accepted(self, data: bytearray) -> bool:
+        return len(data) >= 2 and data[0] == self.rmcptag and data[1] == 0
+
+    def _bmc_chose_sha1(self, data: bytearray) -> bool:
+        return (
+            len(data) >= _OPEN_SESSION_RESPONSE_LENGTH
+            and data[_AUTH_ALGORITHM] == _RAKP_HMAC_SHA1
+            and data[_INTEGRITY_ALGORITHM] == _HMAC_SHA1_96
+        )
+
+    def _relog(self) -> Any:
+        if time.monotonic() > self.login_deadline:
+            self.onlogon({"error": "login did not complete before the deadline"})
+            return None
+        return super()._relog()
+
+
+class _Call:
+    """One driver call running in its own thread, with a deadline."""
+
+    def __init__(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.session: NegotiatingSession | None = None
+        self.abandoned = False
+
+    def give_up_if_abandoned(self) -> None:
+        """Stop a call its caller no longer waits for: it must not act late."""
+        if self.abandoned or time.monotonic() > self.deadline:
+            raise BackendUnreachable("the caller stopped waiting")
+
+
+_current_call = threading.local()
+_bmc_locks: dict[tuple[str, int], threading.Lock] = {}
+_bmc_locks_guard = threading.Lock()
+
+
+def _bmc_lock(address: str, port: int) -> threading.Lock:
+    with _bmc_locks_guard:
+        return _bmc_locks.setdefault((address, port), threading.Lock())
+
+
+class IPMIDriver(Driver):
+    """A bare-metal server behind an IPMI BMC (lanplus), as Ironic's ``ipmi`` hardware type."""
+
+    name: ClassVar[str] = "ipmi"
+    description: ClassVar[str] = "IPMI BMC (lanplus, pyghmi): chassis control pulse diag"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"nmi", "power_state"})
+    settings_model: ClassVar[type[DriverSettings]] = IPMISettings
+
+    settings: IPMISettings
+
+    def __init__(self, server_id: str, settings: DriverSettings) -> None:
+        super().__init__(server_id, settings)
+        self.bmc = f"{self.settings.address}:{self.settings.port}"
+
+    def get_power_state(self) -> PowerState:
+        on = self._call(self._chassis_power_on, "reading the power state")
+        return PowerState.RUNNING if on else PowerState.SHUTDOWN
+
+    def trigger_crash_dump(self) -> None:
+        self._call(self._pulse_diag, "sending the diagnostic interrupt")
+
+    def _pulse_diag(self, session: NegotiatingSession) -> None:
+        if not self._chassis_power_on(session):
+            raise ServerPoweredOff("server is powered off")
+        _current_call.value.give_up_if_abandoned()
+        response = session.raw_command(
+            netfn=NETFN_CHASSIS, command=CMD_CHASSIS_CONTROL, data=[PULSE_DIAGNOSTIC_INTERRUPT]
+        )
+        self._check(response, "chassis control (pulse diagnostic interrupt)")
+
+    def _chassis_power_on(self, session: NegotiatingSession) -> bool:
+        response = session.raw_command(netfn=NETFN_CHASSIS, command=CMD_GET_CHASSIS_STATUS)
+        self._check(response, "get chassis status")
+        if not response.get("data"):
+            raise BackendRejected(f"BMC at {self.bmc} sent an empty chassis status")
+        return bool(response["data"][0] & 0x01)
+
+    def _check(self, response: dict[str, Any], command: str) -> None:
+        code = response.get("code", 0)
+        if code == 0:
+            return
+        if code == _PYGHMI_TIMEOUT:
+            raise BackendUnreachable(f"BMC at {self.bmc} stopped answering during {command}")
+        meaning = ipmi_constants.ipmi_completion_codes.get(code, "unknown completion code")
+        raise BackendRejected(
+            f"BMC at {self.bmc} rejected {command}: completion code {code:#04x} ({meaning})"
+        )
+
+    def _call(self, operation: Callable[[NegotiatingSession], T], doing: str) -> T:
+        """Run ``operation`` on a fresh session, giving up after ``timeout`` seconds."""
+        call = _Call(self.settings.timeout)
+        outcome: list[tuple[bool, Any]] = []
+        done = threading.Event()
+
+        def run() -> None:
+            _current_call.value = call
+            try:
+                outcome.append((True, self._with_session(operation)))
+            except BaseException as exc:  # handed to the waiting caller
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"ipmi {self.bmc}", daemon=True).start()
+        if not done.wait(self.settings.timeout):
+            call.abandoned = True
+            raise self._timed_out(call, doing)
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def _with_session(self, operation: Callable[[NegotiatingSession], T]) -> T:
+        with _bmc_lock(self.settings.address, self.settings.port):
+            _current_call.value.give_up_if_abandoned()
+            session = self._login()
+            try:
+                return operation(session)
+            except DriverError:
+                raise
+            except pyghmi_exceptions.IpmiException as exc:
+                raise BackendUnreachable(
+                    f"lost the session with BMC at {self.bmc}: {exc}"
+                ) from None
+            except Exception as exc:
+                raise BackendError(
+                    f"IPMI exchange with BMC at {self.bmc} failed: {type(exc).__name__}: {exc}"
+                ) from None
+            finally:
+                if session.logged:
+                    session.logout()
+
+    def _login(self) -> NegotiatingSession:
+        s = self.settings
+        try:
+            return NegotiatingSession(
+                bmc=s.address,
+                userid=s.username.encode(),
+                password=s.password.encode(),
+                port=s.port,
+                keepalive=False,
+            )
+        except pyghmi_exceptions.IpmiException as exc:
+            raise self._login_failed(str(exc) if exc.args and exc.args[0] else "") from None
+        except OSError as exc:
+            raise BackendUnreachable(f"cannot reach BMC at {self.bmc}: {exc}") from None
+        except Exception as exc:
+            raise BackendError(
+                f"IPMI login to BMC at {self.bmc} failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _login_failed(self, reason: str) -> DriverError:
+        if any(marker in reason for marker in _AUTH_ERRORS):
+            return BackendAuthFailed(
+                f"BMC at {self.bmc} rejected the credentials of user "
+                f"{self.settings.username!r}: {reason}"
+            )
+        if reason and "deadline" not in reason:
+            return BackendError(f"IPMI login to BMC at {self.bmc} failed: {reason}")
+        return BackendUnreachable(f"no answer from BMC at {self.bmc} during login")
+
+    def _timed_out(self, call: _Call, doing: str) -> DriverError:
+        t = self.settings.timeout
+        session = call.session
+        if session is not None and session.open_session_accepted and not session.logged:
+            # The BMC answers but never finishes the login: virtualbmc does this
+            # for a user name it does not know (real BMCs answer "Unauthorized name").
+            return BackendAuthFailed(
+                f"BMC at {self.bmc} did not complete the login of user "
+                f"{self.settings.username!r} within {t:g}s; the user name is probably unknown"
+            )
+        return BackendUnreachable(f"no answer from BMC at {self.bmc} within {t:g}s ({doing})")
