@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     hash_pw.add_argument("password", nargs="?", help="read from the terminal when omitted")
     hash_pw.set_defaults(handler=_hash_password)
 
+    image = commands.add_parser("image", help="guest images").add_subparsers(title="image commands")
+    image_build = image.add_parser("build", help="build (or reuse) the cached guest images")
+    image_build.add_argument(
+        "--variant", action="append", help="kdump, no-kdump or nmi-ignored (default: all)"
+    )
+    image_build.set_defaults(handler=_image_build)
+
     matrix = commands.add_parser("support-matrix", help="print what each driver supports")
     matrix.set_defaults(handler=_support_matrix)
 
@@ -135,6 +142,15 @@ def _hash_password(args: argparse.Namespace) -> int:
 
     password = args.password or getpass.getpass("password: ")
     print(hash_password(password))
+    return 0
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    from emulators.guest_image import ImageVariant, build_image
+
+    for variant in args.variant or [v.value for v in ImageVariant]:
+        image = build_image(variant)
+        print(f"{image.variant.value}: {image.kernel_release} {image.initrd.parent}")
     return 0
 
 
