@@ -1,0 +1,24 @@
+"""The README's support matrix is the one generated from the drivers' declarations."""
+
+from __future__ import annotations
+
+import re
+
+from drivers import all_driver_classes
+from drivers.base import Driver
+from drivers.matrix import support_matrix_markdown
+from tests.live import REPO
+
+
+def test_readme_matrix_is_generated() -> None:
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- support-matrix:begin -->\n(.*?)\n<!-- support-matrix:end -->", readme, re.S)
+    assert block is not None
+    assert block.group(1) == support_matrix_markdown()
+
+
+def test_nmi_capability_matches_an_overridden_trigger() -> None:
+    # A driver declares "nmi" exactly when it overrides the base method.
+    for cls in all_driver_classes():
+        overrides = cls.trigger_crash_dump is not Driver.trigger_crash_dump
+        assert ("nmi" in cls.capabilities) == overrides, cls.name
