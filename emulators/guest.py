@@ -287,10 +287,9 @@ class Guest:
         except libvirt.libvirtError:
             domain = None
         if domain is not None:
-            if domain.isActive():
-                _ignore_libvirt_error(domain.destroy)
-            if domain.isPersistent():
-                _ignore_libvirt_error(domain.undefine)
+            # A transient domain vanishes when destroyed; a defined one must be undefined.
+            _ignore_libvirt_error(domain.destroy)
+            _ignore_libvirt_error(domain.undefine)
         shutil.rmtree(self.workdir, ignore_errors=True)
         if self._conn is not None:
             self._conn.close()

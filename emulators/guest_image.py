@@ -6,6 +6,7 @@ crashlab keys on::
 
     CRASHLAB-READY variant=kdump kernel=6.1.0-56-amd64 unknown_nmi_panic=1 kexec_crash_loaded=1
     CRASHLAB-CRASH-KERNEL kernel=6.1.0-56-amd64 vmcore_bytes=620756992
+    CRASHLAB-PANIC-LOG [   12.34] Kernel panic - not syncing: NMI: Not continuing
     CRASHLAB-DUMP-SAVED bytes=17825792
     CRASHLAB-DUMP-FAILED rc=1
     CRASHLAB-ERROR <what>
@@ -68,6 +69,7 @@ CRASHKERNEL = "256M"
 
 READY_MARKER = "CRASHLAB-READY"
 CRASH_KERNEL_MARKER = "CRASHLAB-CRASH-KERNEL"
+PANIC_LOG_MARKER = "CRASHLAB-PANIC-LOG"
 DUMP_SAVED_MARKER = "CRASHLAB-DUMP-SAVED"
 DUMP_FAILED_MARKER = "CRASHLAB-DUMP-FAILED"
 ERROR_MARKER = "CRASHLAB-ERROR"
@@ -205,8 +207,17 @@ save_dump() {{
     fi
 }}
 
+# The panicked kernel's last words never reach the console: printk from NMI
+# context is deferred and kexec runs first. Replay them from its log buffer.
+replay_panic_log() {{
+    makedumpfile --dump-dmesg /proc/vmcore /tmp/dmesg > /dev/null 2>&1 || return
+    grep -E "NMI received|Dazed and confused|Kernel panic" /tmp/dmesg \
+        | tail -n 5 | sed "s/^/CRASHLAB-PANIC-LOG /"
+}}
+
 if [ -e /proc/vmcore ]; then
     echo "CRASHLAB-CRASH-KERNEL kernel=$(uname -r) vmcore_bytes=$(stat -c %s /proc/vmcore)"
+    replay_panic_log
     save_dump
     poweroff -f
 fi

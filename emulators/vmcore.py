@@ -17,8 +17,11 @@ Failures, all subclasses of ``VmcoreError``::
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,7 @@ class Vmcore:
     kernel_release: str
     kernel_version: str
     machine: str
+    panic_message: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -72,6 +76,7 @@ class Vmcore:
             "bytes": self.bytes,
             "format": self.format,
             "kernel_release": self.kernel_release,
+            "panic_message": self.panic_message,
         }
 
 
@@ -92,7 +97,8 @@ def extract_vmcore(disk: Path, out: Path) -> Vmcore:
         )
     if result.returncode != 0 or not out.exists():
         raise RestoreFailed(f"makedumpfile -R exited {result.returncode}: {result.stderr.strip()}")
-    return read_vmcore(out)
+    vmcore = read_vmcore(out)
+    return dataclasses.replace(vmcore, panic_message=panic_message(read_dmesg(out)))
 
 
 def read_vmcore(path: Path) -> Vmcore:
@@ -115,6 +121,24 @@ def read_vmcore(path: Path) -> Vmcore:
         kernel_version=uts["version"],
         machine=uts["machine"],
     )
+
+
+def read_dmesg(path: Path) -> str:
+    """The dumped kernel's log buffer, as ``makedumpfile --dump-dmesg`` extracts it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "dmesg"
+        result = subprocess.run(
+            ["makedumpfile", "--dump-dmesg", str(path), str(out)], capture_output=True, text=True
+        )
+        if result.returncode != 0 or not out.exists():
+            return ""
+        return out.read_text(errors="replace")
+
+
+def panic_message(dmesg: str) -> str | None:
+    """The reason the kernel gave in its last ``Kernel panic - not syncing:`` line."""
+    found = re.findall(r"Kernel panic - not syncing: (.*)", dmesg)
+    return found[-1].strip() if found else None
 
 
 def describe(path: Path) -> str:
