@@ -94,13 +94,10 @@ class Backends:
         self, records: list[ServerRecord], timeout: float
     ) -> dict[str, PowerState | None]:
         """Live power state of each server, read in parallel; None where unknown."""
-        futures = {
-            record.uuid: self._pool.submit(self._power_state, record) for record in records
-        }
+        futures = {record.uuid: self._pool.submit(self._power_state, record) for record in records}
         done, _ = concurrent.futures.wait(futures.values(), timeout=timeout)
         return {
-            uuid: future.result() if future in done else None
-            for uuid, future in futures.items()
+            uuid: future.result() if future in done else None for uuid, future in futures.items()
         }
 
     def _power_state(self, record: ServerRecord) -> PowerState | None:

@@ -166,7 +166,9 @@ def _trigger_crash(args: argparse.Namespace) -> int:
     server = client.find_server(args.server)
     request_id = client.trigger_crash_dump(server["id"])
     if not args.wait:
-        _print(args, {"server_id": server["id"], "request_id": request_id}, f"Accepted: {request_id}")
+        _print(
+            args, {"server_id": server["id"], "request_id": request_id}, f"Accepted: {request_id}"
+        )
         return 0
     action = client.wait_for_event(server["id"], request_id, timeout=args.timeout)
     event = action["events"][0]
@@ -180,7 +182,13 @@ def _trigger_crash(args: argparse.Namespace) -> int:
 def _server_list(args: argparse.Namespace) -> int:
     servers = _client(args).list_servers()
     rows = [
-        [s["id"], s["name"], s["status"], str(s["OS-EXT-STS:power_state"]), str(s.get("locked", ""))]
+        [
+            s["id"],
+            s["name"],
+            s["status"],
+            str(s["OS-EXT-STS:power_state"]),
+            str(s.get("locked", "")),
+        ]
         for s in servers
     ]
     _print(args, servers, _table(["ID", "Name", "Status", "Power", "Locked"], rows))
@@ -207,10 +215,14 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
     def fmt(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     return "\n".join([line, fmt(headers), line, *(fmt(r) for r in rows), line])
 
 

@@ -21,7 +21,9 @@ class ClientError(Exception):
     """An API call failed; the message is the API's own fault message."""
 
     def __init__(self, status: int, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{message} (HTTP {status})" + (f" (Request-ID: {request_id})" if request_id else ""))
+        super().__init__(
+            f"{message} (HTTP {status})" + (f" (Request-ID: {request_id})" if request_id else "")
+        )
         self.status = status
         self.message = message
         self.request_id = request_id
@@ -72,7 +74,12 @@ class CrashlabClient:
                         }
                     },
                 },
-                "scope": {"project": {"name": creds.project_name, "domain": {"name": creds.project_domain}}},
+                "scope": {
+                    "project": {
+                        "name": creds.project_name,
+                        "domain": {"name": creds.project_domain},
+                    }
+                },
             }
         }
         response = self.http.post(creds.auth_url.rstrip("/") + "/auth/tokens", json=body)
@@ -94,7 +101,9 @@ class CrashlabClient:
         return response
 
     def list_servers(self, detail: bool = True) -> list[dict[str, Any]]:
-        servers: list[dict[str, Any]] = self.request("GET", "/servers/detail" if detail else "/servers").json()["servers"]
+        servers: list[dict[str, Any]] = self.request(
+            "GET", "/servers/detail" if detail else "/servers"
+        ).json()["servers"]
         return servers
 
     def find_server(self, name_or_id: str) -> dict[str, Any]:
@@ -110,11 +119,15 @@ class CrashlabClient:
 
     def trigger_crash_dump(self, server_id: str) -> str:
         """Returns the request id, which names the instance action."""
-        response = self.request("POST", f"/servers/{server_id}/action", json={"trigger_crash_dump": None})
+        response = self.request(
+            "POST", f"/servers/{server_id}/action", json={"trigger_crash_dump": None}
+        )
         return response.headers["x-openstack-request-id"]
 
     def list_actions(self, server_id: str) -> list[dict[str, Any]]:
-        actions: list[dict[str, Any]] = self.request("GET", f"/servers/{server_id}/os-instance-actions").json()["instanceActions"]
+        actions: list[dict[str, Any]] = self.request(
+            "GET", f"/servers/{server_id}/os-instance-actions"
+        ).json()["instanceActions"]
         return actions
 
     def get_action(self, server_id: str, request_id: str) -> dict[str, Any]:
@@ -123,7 +136,9 @@ class CrashlabClient:
         action: dict[str, Any] = self.request("GET", path).json()["instanceAction"]
         return action
 
-    def wait_for_event(self, server_id: str, request_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    def wait_for_event(
+        self, server_id: str, request_id: str, timeout: float = 120.0
+    ) -> dict[str, Any]:
         """Poll until every event of the action has a result."""
         deadline = time.monotonic() + timeout
         while True:

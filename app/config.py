@@ -119,8 +119,8 @@ class Config(_Strict):
     max_body_bytes: int = Field(65536, gt=0)
     driver_workers: int = Field(256, gt=0)
     driver_timeout_seconds: float = Field(60.0, gt=0)
-    nmi_guard: NMIGuardConfig = NMIGuardConfig()
-    identity: IdentityConfig = IdentityConfig()
+    nmi_guard: NMIGuardConfig = Field(default_factory=NMIGuardConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
     servers: list[ServerConfig] = []
 
     # Set by load_config: the directory relative paths resolve against.

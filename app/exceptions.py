@@ -69,7 +69,10 @@ class APIError(Exception):
 
 class BadRequest(APIError):
     status = 400
-    default_message = "The server could not comply with the request since it is either malformed or otherwise incorrect."
+    default_message = (
+        "The server could not comply with the request since it is either "
+        "malformed or otherwise incorrect."
+    )
 
 
 class ValidationFailed(BadRequest):
@@ -150,9 +153,7 @@ class InstanceIsLocked(Conflict):
 class InstanceInvalidState(Conflict):
     # Nova's common.raise_http_conflict_for_instance_invalid_state wording.
     def __init__(self, action: str, instance_id: str, attr: str, state: str) -> None:
-        super().__init__(
-            f"Cannot '{action}' instance {instance_id} while it is in {attr} {state}"
-        )
+        super().__init__(f"Cannot '{action}' instance {instance_id} while it is in {attr} {state}")
 
 
 class NMIGuardActive(Conflict):

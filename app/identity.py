@@ -53,7 +53,7 @@ class TokenStore:
     def authenticate(self, user_name: str, password: str, project_name: str | None) -> UserConfig:
         user = next((u for u in self.identity.users if u.name == user_name), None)
         stored = user.password_hash.encode() if user else _DUMMY_HASH
-        if not bcrypt.checkpw(password.encode(), stored) or user is None:
+        if not _password_matches(password, stored) or user is None:
             raise AuthenticationFailed()
         if project_name is not None and project_name != user.project:
             raise AuthenticationFailed()
@@ -101,6 +101,16 @@ class TokenStore:
     def _purge_expired(self, now: dt.datetime) -> None:
         for token_id in [i for i, t in self._tokens.items() if t.expires_at <= now]:
             del self._tokens[token_id]
+
+
+def _password_matches(password: str, stored: bytes) -> bool:
+    """bcrypt's verdict; a password bcrypt cannot take is a wrong password, not a 500."""
+    try:
+        return bcrypt.checkpw(password.encode(), stored)
+    except ValueError:
+        # bcrypt 5 refuses passwords over 72 bytes (and hash_password with
+        # it), so no stored hash can match one.
+        return False
 
 
 def _digest(value: str) -> str:

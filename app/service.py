@@ -116,7 +116,7 @@ class ComputeService:
         self.policy.authorize(rules.SERVERS_SHOW, _target(record), ctx.credentials)
         return self._views([record])[0]
 
-    def list(
+    def list_servers(
         self,
         ctx: Context,
         *,
@@ -128,7 +128,9 @@ class ComputeService:
         self.policy.authorize(rule, {"project_id": ctx.project_id}, ctx.credentials)
         project_id: str | None = ctx.project_id
         if all_tenants:
-            all_rule = rules.SERVERS_DETAIL_ALL_TENANTS if detail else rules.SERVERS_INDEX_ALL_TENANTS
+            all_rule = (
+                rules.SERVERS_DETAIL_ALL_TENANTS if detail else rules.SERVERS_INDEX_ALL_TENANTS
+            )
             self.policy.authorize(all_rule, {"project_id": ctx.project_id}, ctx.credentials)
             project_id = None
         records = self.store.list_servers(project_id=project_id, name=name)
@@ -163,7 +165,9 @@ class ComputeService:
         _check_instance_lock(ctx, record)
         view = self.live_view(record)
         if view.vm_state not in ALLOW_TRIGGER_CRASH_DUMP:
-            raise exc.InstanceInvalidState(TRIGGER_CRASH_DUMP, record.uuid, "vm_state", view.vm_state)
+            raise exc.InstanceInvalidState(
+                TRIGGER_CRASH_DUMP, record.uuid, "vm_state", view.vm_state
+            )
         with self._server_lock(record.uuid):
             if not ignore_nmi_guard:
                 self._check_nmi_guard(record)
@@ -240,7 +244,9 @@ class ComputeService:
 
     def list_actions(self, ctx: Context, server_id: str) -> list[InstanceAction]:
         record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rules.ACTIONS_LIST, {"project_id": record.project_id}, ctx.credentials)
+        self.policy.authorize(
+            rules.ACTIONS_LIST, {"project_id": record.project_id}, ctx.credentials
+        )
         return self.store.list_actions(record.uuid)
 
     def get_action(
@@ -326,7 +332,9 @@ def build_server_record(
     try:
         settings = cls.parse_settings(driver_info)
     except ValueError as error:
-        raise exc.ValidationFailed(f"Invalid driver_info for driver {driver}: {_brief(error)}") from None
+        raise exc.ValidationFailed(
+            f"Invalid driver_info for driver {driver}: {_brief(error)}"
+        ) from None
     stored = encrypt_secrets(driver, settings.model_dump(mode="json", exclude_none=True), box)
     now = utcnow()
     return ServerRecord(

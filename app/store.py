@@ -14,7 +14,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -225,7 +224,9 @@ class Store:
     def fail_unfinished_events(self, details: str) -> int:
         """Mark every running event Error; run at start-up, never re-sending anything."""
         with self.session() as session:
-            ids = list(session.scalars(select(ActionEvent.id).where(ActionEvent.finish_time.is_(None))))
+            ids = list(
+                session.scalars(select(ActionEvent.id).where(ActionEvent.finish_time.is_(None)))
+            )
         for event_id in ids:
             self.finish_event(event_id, result="Error", details=details)
         return len(ids)

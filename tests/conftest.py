@@ -16,7 +16,9 @@ def crashlab_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     """Factory: start ``crashlab serve`` on a config; every one is stopped after the test."""
     started: list[LiveServer] = []
 
-    def start(config: dict[str, Any] | Path | None = None, env: dict[str, str] | None = None) -> LiveServer:
+    def start(
+        config: dict[str, Any] | Path | None = None, env: dict[str, str] | None = None
+    ) -> LiveServer:
         where = tmp_path / f"server{len(started)}"
         server = start_server(where, config if config is not None else fake_cloud_config(), env)
         started.append(server)

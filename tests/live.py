@@ -60,10 +60,18 @@ class LiveServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "app.cli", "serve",
-                "--config", str(self.config_path),
-                "--state", str(self.state_file),
-                "--host", "127.0.0.1", "--port", str(self.port),
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--state",
+                str(self.state_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -112,7 +120,10 @@ class LiveServer:
                     },
                 },
                 "scope": {
-                    "project": {"name": project or PROJECT_OF.get(user, user), "domain": {"name": "Default"}}
+                    "project": {
+                        "name": project or PROJECT_OF.get(user, user),
+                        "domain": {"name": "Default"},
+                    }
                 },
             }
         }
@@ -124,12 +135,17 @@ class LiveServer:
         """An httpx client for the compute API, authenticated as ``user``."""
         return httpx.Client(
             base_url=self.compute_url,
-            headers={"X-Auth-Token": self.token(user), "OpenStack-API-Version": f"compute {version}"},
+            headers={
+                "X-Auth-Token": self.token(user),
+                "OpenStack-API-Version": f"compute {version}",
+            },
             timeout=30,
         )
 
 
-def start_server(tmp: Path, config: dict[str, Any] | Path, env: dict[str, str] | None = None) -> LiveServer:
+def start_server(
+    tmp: Path, config: dict[str, Any] | Path, env: dict[str, str] | None = None
+) -> LiveServer:
     """Start ``crashlab serve`` on a config (a dict is written to ``tmp``)."""
     tmp.mkdir(parents=True, exist_ok=True)
     if isinstance(config, dict):

@@ -47,6 +47,11 @@ async def json_body(request: Request) -> Any:
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+        # A lone surrogate ("\ud800") parses but cannot be encoded again, in
+        # an error message or the database; nesting past Python's recursion
+        # limit cannot be parsed at all. Both are malformed bodies, not 500s.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):
         raise MalformedBody() from None
+    return body

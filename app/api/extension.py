@@ -119,7 +119,11 @@ def show_action_details(
 def list_drivers(ctx: Context = Depends(context)) -> dict[str, Any]:
     return {
         "drivers": [
-            {"name": cls.name, "description": cls.description, "capabilities": sorted(cls.capabilities)}
+            {
+                "name": cls.name,
+                "description": cls.description,
+                "capabilities": sorted(cls.capabilities),
+            }
             for cls in all_driver_classes()
         ]
     }

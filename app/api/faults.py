@@ -39,7 +39,9 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    message = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
+    message = (
+        error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
+    )
     if error.status_code == 404:
         message = "The resource could not be found."
     response = fault_response(error.status_code, message, request.url.path)

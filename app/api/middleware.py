@@ -14,9 +14,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.faults import fault_body
 from app.api.microversion import MIN_VERSION, APIVersion, requested_version
-from app.exceptions import APIError, PayloadTooLarge
+from app.exceptions import APIError, BadRequest, PayloadTooLarge
 
 COMPUTE_PREFIX = "/v2.1"
+# Nova's [wsgi] max_header_line default, and eventlet.wsgi's MAX_TOTAL_HEADER_SIZE:
+# uvicorn's httptools parser has no limit of its own.
+MAX_HEADER_LINE = 16384
+MAX_TOTAL_HEADER_SIZE = 65536
 
 
 def is_compute_path(path: str) -> bool:
@@ -51,6 +55,7 @@ class NovaHeadersMiddleware:
         ]
         path = scope["path"]
         try:
+            _check_header_sizes(scope["headers"])
             if is_compute_path(path):
                 version = requested_version(headers)
                 state["api_version"] = version
@@ -97,6 +102,14 @@ class NovaHeadersMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _check_header_sizes(headers: list[tuple[bytes, bytes]]) -> None:
+    lines = [len(name) + len(value) + 2 for name, value in headers]
+    if any(size > MAX_HEADER_LINE for size in lines):
+        raise BadRequest("Header line too long")
+    if sum(lines) > MAX_TOTAL_HEADER_SIZE:
+        raise BadRequest("Headers too large")
 
 
 async def _send_fault(

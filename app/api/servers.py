@@ -51,7 +51,7 @@ def list_servers(
     ctx: Context = Depends(context),
     compute: ComputeService = Depends(service),
 ) -> dict[str, Any]:
-    views = compute.list(ctx, detail=False, name=name, all_tenants=_all_tenants(request))
+    views = compute.list_servers(ctx, detail=False, name=name, all_tenants=_all_tenants(request))
     return {"servers": [server_summary(v, _base(request)) for v in views]}
 
 
@@ -63,7 +63,7 @@ def list_servers_detail(
     version: APIVersion = Depends(api_version),
     compute: ComputeService = Depends(service),
 ) -> dict[str, Any]:
-    views = compute.list(ctx, detail=True, name=name, all_tenants=_all_tenants(request))
+    views = compute.list_servers(ctx, detail=True, name=name, all_tenants=_all_tenants(request))
     return {"servers": [_detail(request, compute, ctx, version, v) for v in views]}
 
 

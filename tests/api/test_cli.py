@@ -19,7 +19,12 @@ def _crashlab(server: LiveServer, user: str, *args: str) -> subprocess.Completed
         "OS_PROJECT_NAME": "alice" if user in ("alice", "carol") else user,
     }
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -61,7 +66,11 @@ def test_refusals_print_novas_message(fake_cloud: LiveServer) -> None:
 def test_missing_credentials_are_named(fake_cloud: LiveServer) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "server", "list"], env=env, cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "app.cli", "server", "list"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert "OS_AUTH_URL" in result.stderr and "OS_PASSWORD" in result.stderr

@@ -15,7 +15,9 @@ def _ids(server: LiveServer) -> dict[str, str]:
 
 def _trigger(server: LiveServer, user: str, server_id: str, version: str = "2.17") -> int:
     with server.client(user, version) as client:
-        return client.post(f"/servers/{server_id}/action", json={"trigger_crash_dump": None}).status_code
+        return client.post(
+            f"/servers/{server_id}/action", json={"trigger_crash_dump": None}
+        ).status_code
 
 
 def test_done_when_list(fake_cloud: LiveServer) -> None:

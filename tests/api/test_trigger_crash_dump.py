@@ -32,7 +32,9 @@ def alice(fake_cloud: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def _dump(client: httpx.Client, server_id: str, body: object = None, **headers: str) -> httpx.Response:
+def _dump(
+    client: httpx.Client, server_id: str, body: object = None, **headers: str
+) -> httpx.Response:
     payload = {"trigger_crash_dump": None} if body is None else body
     return client.post(f"/servers/{server_id}/action", json=payload, headers=headers)
 
@@ -72,7 +74,9 @@ def test_other_projects_server_is_404_for_a_member(
 ) -> None:
     server_id = ids["alice-active"]
     with fake_cloud.client("bob") as bob:
-        _fault(_dump(bob, server_id), 404, "itemNotFound", f"Instance {server_id} could not be found.")
+        _fault(
+            _dump(bob, server_id), 404, "itemNotFound", f"Instance {server_id} could not be found."
+        )
 
 
 def test_policy_denial_is_403_for_a_reader(fake_cloud: LiveServer, ids: dict[str, str]) -> None:
@@ -98,7 +102,9 @@ def test_locked_server_is_409_for_the_owner_and_202_for_an_admin(
     ("name", "expected"),
     [("alice-active", 202), ("alice-paused", 202), ("alice-error", 202), ("alice-stopped", 409)],
 )
-def test_allowed_vm_states(alice: httpx.Client, ids: dict[str, str], name: str, expected: int) -> None:
+def test_allowed_vm_states(
+    alice: httpx.Client, ids: dict[str, str], name: str, expected: int
+) -> None:
     response = _dump(alice, ids[name])
     if expected == 409:
         _fault(
@@ -178,14 +184,26 @@ def test_version_out_of_range_is_406_and_malformed_is_400(fake_cloud: LiveServer
     token = fake_cloud.token("alice")
     url = f"{fake_cloud.compute_url}/servers"
     high = httpx.get(url, headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.18"})
-    _fault(high, 406, "computeFault", "Version 2.18 is not supported by the API. Minimum is 2.1 and maximum is 2.17.")
+    _fault(
+        high,
+        406,
+        "computeFault",
+        "Version 2.18 is not supported by the API. Minimum is 2.1 and maximum is 2.17.",
+    )
     bad = httpx.get(url, headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.x"})
-    _fault(bad, 400, "badRequest", "API Version String 2.x is of invalid format. Must be of format MajorNum.MinorNum.")
+    _fault(
+        bad,
+        400,
+        "badRequest",
+        "API Version String 2.x is of invalid format. Must be of format MajorNum.MinorNum.",
+    )
     assert bad.headers["x-openstack-request-id"].startswith("req-")
 
 
 @pytest.mark.parametrize("token", [None, "", "bogus", "bogus.token"])
-def test_missing_or_bad_token_is_401(fake_cloud: LiveServer, ids: dict[str, str], token: str | None) -> None:
+def test_missing_or_bad_token_is_401(
+    fake_cloud: LiveServer, ids: dict[str, str], token: str | None
+) -> None:
     headers = {"OpenStack-API-Version": "compute 2.17"}
     if token is not None:
         headers["X-Auth-Token"] = token
@@ -215,8 +233,13 @@ def test_unsupported_driver_ends_in_an_error_event(
         [event] = action["events"]
         assert event["result"] == "Error"
         assert "NMINotSupported" in event["traceback"]
-        detailed = admin.get(f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}").json()
-    assert detailed["instanceAction"]["events"][0]["details"] == "Triggering crash dump is not supported"
+        detailed = admin.get(
+            f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}"
+        ).json()
+    assert (
+        detailed["instanceAction"]["events"][0]["details"]
+        == "Triggering crash dump is not supported"
+    )
     member_view = alice.get(f"/servers/{server_id}/os-instance-actions/{request_id}").json()
     assert "events" not in member_view["instanceAction"]
 
@@ -231,7 +254,10 @@ def test_lock_and_unlock_accept_null_and_empty_object(
     _fault(_dump(alice, server_id), 409, "conflictingRequest", f"Instance {server_id} is locked")
     assert alice.post(f"/servers/{server_id}/action", json={"unlock": body}).status_code == 202
     assert alice.get(f"/servers/{server_id}").json()["server"]["locked"] is False
-    actions = [a["action"] for a in alice.get(f"/servers/{server_id}/os-instance-actions").json()["instanceActions"]]
+    actions = [
+        a["action"]
+        for a in alice.get(f"/servers/{server_id}/os-instance-actions").json()["instanceActions"]
+    ]
     assert actions == ["unlock", "lock"]
 
 
@@ -241,7 +267,8 @@ def test_owner_cannot_lift_an_admin_lock(alice: httpx.Client, ids: dict[str, str
         response,
         403,
         "forbidden",
-        "Policy doesn't allow os_compute_api:os-lock-server:unlock:unlock_override to be performed.",
+        "Policy doesn't allow os_compute_api:os-lock-server:unlock:unlock_override "
+        "to be performed.",
     )
 
 
@@ -264,7 +291,8 @@ def test_reset_state_is_admin_only_and_sets_error(
             bad,
             400,
             "badRequest",
-            "Invalid input for field/attribute state. Value: bogus. 'bogus' is not one of ['active', 'error']",
+            "Invalid input for field/attribute state. Value: bogus. "
+            "'bogus' is not one of ['active', 'error']",
         )
         back = {"os-resetState": {"state": "active"}}
         assert admin.post(f"/servers/{server_id}/action", json=back).status_code == 202

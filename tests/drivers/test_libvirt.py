@@ -32,7 +32,9 @@ def guest() -> Iterator[Guest]:
 
 
 def _driver(domain: str, uri: str = "qemu:///system") -> LibvirtDriver:
-    return LibvirtDriver("00000000-0000-0000-0000-000000000001", LibvirtSettings(uri=uri, domain=domain))
+    return LibvirtDriver(
+        "00000000-0000-0000-0000-000000000001", LibvirtSettings(uri=uri, domain=domain)
+    )
 
 
 def _nmi_count(guest: Guest) -> int:
@@ -85,9 +87,9 @@ def test_trigger_through_the_api_as_owner(
     with server.client("admin") as admin:
         deadline = time.monotonic() + 30
         while True:
-            action = admin.get(
-                f"/servers/{listed['id']}/os-instance-actions/{request_id}"
-            ).json()["instanceAction"]
+            action = admin.get(f"/servers/{listed['id']}/os-instance-actions/{request_id}").json()[
+                "instanceAction"
+            ]
             if action["events"][0]["result"] or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -112,7 +114,9 @@ def test_missing_domain_is_reported() -> None:
 
 def test_unreachable_uri_is_reported_clearly() -> None:
     started = time.monotonic()
-    with pytest.raises(BackendUnreachable, match=r"cannot connect to libvirt at qemu\+tcp://127\.0\.0\.1:1/system"):
+    with pytest.raises(
+        BackendUnreachable, match=r"cannot connect to libvirt at qemu\+tcp://127\.0\.0\.1:1/system"
+    ):
         _driver("any", uri="qemu+tcp://127.0.0.1:1/system").get_power_state()
     assert time.monotonic() - started < 10
 

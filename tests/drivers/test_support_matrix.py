@@ -12,7 +12,9 @@ from tests.live import REPO
 
 def test_readme_matrix_is_generated() -> None:
     readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- support-matrix:begin -->\n(.*?)\n<!-- support-matrix:end -->", readme, re.S)
+    block = re.search(
+        r"<!-- support-matrix:begin -->\n(.*?)\n<!-- support-matrix:end -->", readme, re.S
+    )
     assert block is not None
     assert block.group(1) == support_matrix_markdown()
 
