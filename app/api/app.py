@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app.api import extension, identity, instance_actions, servers, versions
 from app.api.faults import install_fault_handlers
 from app.api.middleware import NovaHeadersMiddleware
+from app.api.openapi import install_openapi
 from app.backends import Backends
 from app.config import Config, ConfigError
 from app.crypto import SecretBox, load_or_create_key
@@ -57,6 +58,7 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     app.state.dispatcher = dispatcher
     app.state.tokens = TokenStore(config.identity)
     install_fault_handlers(app)
+    install_openapi(app, config)
     for module in (versions, identity, servers, instance_actions, extension):
         app.include_router(module.router)
     app.add_middleware(NovaHeadersMiddleware, max_body_bytes=config.max_body_bytes)
