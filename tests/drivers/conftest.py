@@ -1,0 +1,196 @@
+"""Real peers for the BMC drivers; each fixture cleans up after itself.
+
+- ``blank_domain``: a minimal QEMU domain (no OS; SeaBIOS finds nothing to boot
+  and waits), enough for power state, and for virtualbmc and sushy-tools to act on.
+- ``nmi_logging_guest``: a booted ``nmi-ignored`` guest whose kernel logs every
+  NMI on its serial console, so delivery can be counted. One per session.
+- ``vbmcs`` / ``sushy_emulator``: the BMC emulators in front of domains.
+- ``ipmi_peers``: pyghmi's own BMC server (``tests/drivers/ipmi_peer.py``), many
+  BMCs in one child process, counting the NMIs each receives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from emulators.guest import Guest
+from emulators.guest_image import ImageVariant, build_image
+from emulators.process import EmulatorProcess
+from emulators.sushy import SushyEmulator
+from emulators.vbmc import VirtualBMCs
+from tests.drivers import ipmi_peer
+
+# libvirt prints every error to stderr; the tests look at the exceptions.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+LIBVIRT_URI = "qemu:///system"
+BLANK_PREFIX = "crashlab-bmctest-"
+NMI_LOGGED = "NMI received for unknown reason"
+NMI_PANIC = "Kernel panic - not syncing: NMI"
+
+BLANK_DOMAIN_XML = """
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <devices><memballoon model='none'/></devices>
+</domain>
+"""
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn() -> Iterator[libvirt.virConnect]:
+    conn = libvirt.open(LIBVIRT_URI)
+    yield conn
+    for domain in conn.listAllDomains():
+        if domain.name().startswith(BLANK_PREFIX):  # left by a killed run
+            _remove(domain)
+    conn.close()
+
+
+class BlankDomains:
+    """Blank domains defined (and started) on demand; all removed on exit."""
+
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn = conn
+        self.names: list[str] = []
+
+    def __enter__(self) -> BlankDomains:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name in self.names:
+            try:
+                _remove(self.conn.lookupByName(name))
+            except libvirt.libvirtError:
+                pass  # the test removed it itself
+
+    def make(self, running: bool = True) -> str:
+        name = BLANK_PREFIX + secrets.token_hex(4)
+        domain = self.conn.defineXML(BLANK_DOMAIN_XML.format(name=name))
+        self.names.append(name)
+        if running:
+            domain.create()
+        return name
+
+
+@pytest.fixture
+def blank_domain(libvirt_conn: libvirt.virConnect) -> Iterator[Callable[..., str]]:
+    """Factory: ``blank_domain(running=True)`` returns a domain name. Removed after the test."""
+    with BlankDomains(libvirt_conn) as domains:
+        yield domains.make
+
+
+def _remove(domain: libvirt.virDomain) -> None:
+    if domain.isActive():
+        domain.destroy()
+    domain.undefine()
+
+
+@pytest.fixture(scope="session")
+def nmi_logging_guest() -> Iterator[Guest]:
+    with Guest(build_image(ImageVariant.NMI_IGNORED)) as guest:
+        guest.wait_ready(timeout=180)
+        yield guest
+
+
+def console_count(guest: Guest, text: str) -> int:
+    guest.console.poll()
+    return guest.console.text().count(text)
+
+
+def wait_console_count(guest: Guest, text: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while console_count(guest, text) < count:
+        assert time.monotonic() < deadline, (
+            f"no {text!r} x{count}; console:\n{guest.console.tail()}"
+        )
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def vbmcs(tmp_path: Path) -> Iterator[VirtualBMCs]:
+    with VirtualBMCs(tmp_path, libvirt_uri=LIBVIRT_URI) as bmcs:
+        yield bmcs
+
+
+@pytest.fixture
+def sushy_emulator(tmp_path: Path) -> Iterator[Callable[..., SushyEmulator]]:
+    """Factory: start a sushy-emulator (``tls``, ``domains`` as SushyEmulator); stopped after."""
+    with ExitStack() as stack:
+
+        def start(*, tls: bool = False, domains: list[str] | None = None) -> SushyEmulator:
+            where = tmp_path / f"sushy-{secrets.token_hex(3)}"
+            emulator = SushyEmulator(where, libvirt_uri=LIBVIRT_URI, tls=tls, domains=domains)
+            return stack.enter_context(emulator)
+
+        yield start
+
+
+class IPMIPeers:
+    """BMCs served by ``tests/drivers/ipmi_peer.py`` in one child process; stopped on exit.
+
+    ``ports`` are in the order of the kinds asked for.
+    """
+
+    username = ipmi_peer.USERNAME
+    password = ipmi_peer.PASSWORD
+
+    def __init__(self, workdir: Path, kinds: list[str], latency: float = 0.0) -> None:
+        workdir.mkdir(parents=True)
+        self.ports_file = workdir / "ports.json"
+        self.nmi_log = workdir / "nmi.log"
+        self.ports: list[int] = []
+        self.process = EmulatorProcess(
+            "ipmi peers",
+            [
+                sys.executable,
+                "-m",
+                "tests.drivers.ipmi_peer",
+                str(self.ports_file),
+                str(self.nmi_log),
+                str(latency),
+                *kinds,
+            ],
+            env=dict(os.environ),
+            log_path=workdir / "peer.log",
+        )
+
+    def __enter__(self) -> IPMIPeers:
+        self.process.start()
+        self.ports = json.loads(self.ports_file.read_text())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.stop()
+
+    def nmis(self) -> Counter[int]:
+        """NMIs received so far, by BMC port."""
+        if not self.nmi_log.exists():
+            return Counter()
+        return Counter(int(line) for line in self.nmi_log.read_text().split())
+
+
+@pytest.fixture
+def ipmi_peers(tmp_path: Path) -> Iterator[Callable[..., IPMIPeers]]:
+    """Factory: ``ipmi_peers(["on", "off", "nodiag"], latency=0.0)``; stopped after the test."""
+    with ExitStack() as stack:
+
+        def start(kinds: list[str], latency: float = 0.0) -> IPMIPeers:
+            where = tmp_path / f"ipmi-peers-{secrets.token_hex(3)}"
+            return stack.enter_context(IPMIPeers(where, kinds, latency))
+
+        yield start

@@ -1,0 +1,315 @@
+"""The Redfish driver against real services: sushy-tools over libvirt domains, and a small peer.
+
+sushy-tools always lists ``Nmi``; the other ways a BMC may publish (or not)
+its reset types are served by ``tests/drivers/redfish_peer.py`` over HTTP.
+Nothing here patches sushy or libvirt.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import libvirt
+import pytest
+
+from drivers.base import (
+    BackendAuthFailed,
+    BackendError,
+    BackendRejected,
+    BackendUnreachable,
+    NMINotSupported,
+    PowerState,
+    ServerNotFound,
+    ServerPoweredOff,
+)
+from drivers.redfish import RedfishDriver
+from emulators.guest import Guest
+from emulators.guest_image import ImageVariant, build_image
+from emulators.sushy import SushyEmulator
+from tests.drivers.conftest import NMI_LOGGED, NMI_PANIC, console_count, wait_console_count
+from tests.drivers.redfish_peer import PeerBehaviour, RedfishPeer
+
+pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
+
+RESET_LOGGED = "POST /redfish/v1/Systems/{}/Actions/ComputerSystem.Reset"
+
+
+def _driver(emulator: SushyEmulator, **overrides: object) -> RedfishDriver:
+    raw = {
+        "address": emulator.url,
+        "username": emulator.username,
+        "password": emulator.password,
+        "verify_tls": False,
+    }
+    return RedfishDriver("server-1", RedfishDriver.parse_settings(raw | overrides))
+
+
+def _peer_driver(peer: RedfishPeer, **overrides: object) -> RedfishDriver:
+    raw = {
+        "address": peer.url,
+        "username": peer.behaviour.username,
+        "password": peer.behaviour.password,
+    }
+    return RedfishDriver("server-1", RedfishDriver.parse_settings(raw | overrides))
+
+
+def _resets_logged(emulator: SushyEmulator, domain: str) -> int:
+    return emulator.log().count(RESET_LOGGED.format(emulator.system_id(domain)))
+
+
+# -- against sushy-tools in front of libvirt domains -----------------------------------
+
+
+def test_power_state_follows_the_domain(
+    sushy_emulator: Callable[..., SushyEmulator],
+    blank_domain: Callable[..., str],
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator()
+    driver = _driver(emulator, system_id=emulator.system_id(name))
+    assert driver.get_power_state() == PowerState.RUNNING
+    libvirt_conn.lookupByName(name).destroy()
+    assert driver.get_power_state() == PowerState.SHUTDOWN
+
+
+def test_nmi_reaches_the_guest_exactly_once(
+    sushy_emulator: Callable[..., SushyEmulator], nmi_logging_guest: Guest
+) -> None:
+    emulator = sushy_emulator()
+    driver = _driver(emulator, system_id=nmi_logging_guest.uuid)
+    before = console_count(nmi_logging_guest, NMI_LOGGED)
+    driver.trigger_crash_dump()
+    wait_console_count(nmi_logging_guest, NMI_LOGGED, before + 1)
+    time.sleep(1.0)
+    assert console_count(nmi_logging_guest, NMI_LOGGED) == before + 1
+    assert _resets_logged(emulator, nmi_logging_guest.name) == 1
+
+
+@pytest.mark.parametrize("form", ["uuid", "path", "domain name", "only system"])
+def test_system_is_found_by_id_path_name_or_as_the_only_one(
+    sushy_emulator: Callable[..., SushyEmulator], blank_domain: Callable[..., str], form: str
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator(domains=[name] if form == "only system" else None)
+    system_id = {
+        "uuid": emulator.system_id(name),
+        "path": emulator.system_path(name),
+        "domain name": name,  # sushy-tools redirects it to the UUID
+        "only system": None,
+    }[form]
+    assert _driver(emulator, system_id=system_id).get_power_state() == PowerState.RUNNING
+
+
+def test_missing_system_is_not_found(sushy_emulator: Callable[..., SushyEmulator]) -> None:
+    emulator = sushy_emulator()
+    with pytest.raises(
+        ServerNotFound, match=f"BMC at {emulator.url} has no system 'no-such-system'"
+    ):
+        _driver(emulator, system_id="no-such-system").trigger_crash_dump()
+
+
+def test_powered_off_server_is_refused_and_nothing_is_sent(
+    sushy_emulator: Callable[..., SushyEmulator], blank_domain: Callable[..., str]
+) -> None:
+    # sushy-tools would answer 204 and drop the NMI: no silent success.
+    name = blank_domain(running=False)
+    emulator = sushy_emulator()
+    with pytest.raises(ServerPoweredOff, match=r"^server is powered off$"):
+        _driver(emulator, system_id=emulator.system_id(name)).trigger_crash_dump()
+    assert _resets_logged(emulator, name) == 0
+
+
+def test_wrong_password_is_an_auth_failure_that_names_no_password(
+    sushy_emulator: Callable[..., SushyEmulator], blank_domain: Callable[..., str]
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator()
+    driver = _driver(emulator, system_id=emulator.system_id(name), password="not-the-password")
+    with pytest.raises(
+        BackendAuthFailed, match=r"rejected the credentials of user 'crashlab' \(HTTP 401\)"
+    ) as failure:
+        driver.trigger_crash_dump()
+    assert "not-the-password" not in str(failure.value)
+    assert emulator.password not in str(failure.value)
+    assert _resets_logged(emulator, name) == 0
+
+
+def test_tls_verified_against_its_certificate(
+    sushy_emulator: Callable[..., SushyEmulator], blank_domain: Callable[..., str]
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator(tls=True)
+    assert emulator.url.startswith("https://") and emulator.ca_file is not None
+    system_id = emulator.system_id(name)
+    verified = _driver(
+        emulator, system_id=system_id, verify_tls=True, ca_bundle=str(emulator.ca_file)
+    )
+    assert verified.get_power_state() == PowerState.RUNNING
+    verified.trigger_crash_dump()
+    assert _resets_logged(emulator, name) == 1
+
+
+def test_tls_with_an_untrusted_certificate_is_refused_unless_verification_is_off(
+    sushy_emulator: Callable[..., SushyEmulator], blank_domain: Callable[..., str]
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator(tls=True)
+    system_id = emulator.system_id(name)
+    with pytest.raises(BackendError, match="certificate verify failed: self-signed certificate"):
+        _driver(emulator, system_id=system_id, verify_tls=True).trigger_crash_dump()
+    assert _resets_logged(emulator, name) == 0
+    _driver(emulator, system_id=system_id, verify_tls=False).trigger_crash_dump()
+    assert _resets_logged(emulator, name) == 1
+
+
+def test_stopped_bmc_is_unreachable_at_once(
+    sushy_emulator: Callable[..., SushyEmulator], blank_domain: Callable[..., str]
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator()
+    driver = _driver(emulator, system_id=emulator.system_id(name))
+    emulator.stop()
+    started = time.monotonic()
+    with pytest.raises(BackendUnreachable, match="Connection refused"):
+        driver.trigger_crash_dump()
+    assert time.monotonic() - started < 1
+
+
+@pytest.fixture
+def silent_bmc() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers, as a hung BMC does."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("timeout", [2.0, None], ids=["timeout=2", "default"])
+def test_hung_bmc_fails_within_the_timeout(silent_bmc: str, timeout: float | None) -> None:
+    raw: dict[str, object] = {"address": silent_bmc, "username": "u", "password": "p"}
+    if timeout:
+        raw["timeout"] = timeout
+    driver = RedfishDriver("server-1", RedfishDriver.parse_settings(raw))
+    started = time.monotonic()
+    with pytest.raises(BackendUnreachable, match=f"no answer from BMC at {silent_bmc}"):
+        driver.trigger_crash_dump()
+    elapsed = time.monotonic() - started
+    print(f"\nhung Redfish BMC, timeout {driver.settings.timeout:g}s: failed after {elapsed:.2f}s")
+    assert driver.settings.timeout <= elapsed < driver.settings.timeout + 0.5
+
+
+# -- how a BMC publishes its reset types, via the peer ---------------------------------
+
+
+def test_nmi_listed_is_sent() -> None:
+    with RedfishPeer() as peer:
+        _peer_driver(peer).trigger_crash_dump()
+        assert peer.resets == ["Nmi"]
+
+
+def test_list_without_nmi_is_not_supported_and_nothing_is_sent() -> None:
+    behaviour = PeerBehaviour(allowable_values=["On", "ForceOff", "ForceRestart"])
+    with RedfishPeer(behaviour) as peer:
+        with pytest.raises(
+            NMINotSupported,
+            match=r"does not accept ResetType Nmi \(allowed: ForceOff, ForceRestart, On\)",
+        ):
+            _peer_driver(peer).trigger_crash_dump()
+        assert peer.resets == []
+
+
+def test_action_info_without_nmi_is_not_supported() -> None:
+    behaviour = PeerBehaviour(allowable_values=None, action_info_values=["On", "ForceOff"])
+    with RedfishPeer(behaviour) as peer:
+        with pytest.raises(NMINotSupported, match=r"allowed: ForceOff, On\)"):
+            _peer_driver(peer).trigger_crash_dump()
+        assert peer.resets == []
+
+
+def test_action_info_with_nmi_is_sent() -> None:
+    behaviour = PeerBehaviour(allowable_values=None, action_info_values=["On", "Nmi"])
+    with RedfishPeer(behaviour) as peer:
+        _peer_driver(peer).trigger_crash_dump()
+        assert peer.resets == ["Nmi"]
+
+
+def test_nothing_published_means_unknown_so_it_is_tried() -> None:
+    with RedfishPeer(PeerBehaviour(allowable_values=None)) as peer:
+        _peer_driver(peer).trigger_crash_dump()
+        assert peer.resets == ["Nmi"]
+
+
+def test_unknown_and_refused_by_the_bmc_is_rejected_with_its_words() -> None:
+    with RedfishPeer(PeerBehaviour(allowable_values=None, reset_status=400)) as peer:
+        with pytest.raises(
+            BackendRejected, match=r"answered HTTP 400: ResetType Nmi is not supported"
+        ):
+            _peer_driver(peer).trigger_crash_dump()
+
+
+def test_peer_powered_off_gets_no_reset() -> None:
+    with RedfishPeer(PeerBehaviour(power_state="Off")) as peer:
+        driver = _peer_driver(peer)
+        assert driver.get_power_state() == PowerState.SHUTDOWN
+        with pytest.raises(ServerPoweredOff):
+            driver.trigger_crash_dump()
+        assert peer.resets == []
+
+
+def test_a_fleet_of_redfish_bmcs_is_triggered_in_parallel() -> None:
+    fleet = 20
+    peers = [RedfishPeer(PeerBehaviour(latency=0.1)).__enter__() for _ in range(fleet)]
+    try:
+        drivers = [_peer_driver(peer) for peer in peers]
+        started = time.monotonic()
+        drivers[0].trigger_crash_dump()
+        one = time.monotonic() - started
+        started = time.monotonic()
+        with ThreadPoolExecutor(fleet) as pool:
+            list(pool.map(lambda d: d.trigger_crash_dump(), drivers))
+        wall = time.monotonic() - started
+        print(f"\nRedfish: one call {one:.2f}s; {fleet} at once {wall:.2f}s")
+        assert [len(p.resets) for p in peers] == [2] + [1] * (fleet - 1)
+        assert wall < fleet * one / 4
+    finally:
+        for peer in peers:
+            peer.__exit__(None, None, None)
+
+
+# -- end to end --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_crash_dump_through_sushy_tools_panics_the_guest(
+    sushy_emulator: Callable[..., SushyEmulator],
+) -> None:
+    with Guest(build_image(ImageVariant.NO_KDUMP)) as guest:
+        guest.wait_ready(timeout=180)
+        emulator = sushy_emulator(tls=True)
+        driver = _driver(
+            emulator, system_id=guest.uuid, verify_tls=True, ca_bundle=str(emulator.ca_file)
+        )
+        assert driver.get_power_state() == PowerState.RUNNING
+        driver.trigger_crash_dump()
+        guest.wait_for(NMI_PANIC, timeout=60)
