@@ -35,6 +35,9 @@ MEMORY_MIB = 768
 DUMP_DISK_MIB = 64
 POLL_SECONDS = 0.1
 
+# libvirt prints every error to stderr by default; crashlab raises or ignores them itself.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
 
 class GuestError(Exception):
     def __init__(self, message: str) -> None:
@@ -90,13 +93,20 @@ class Console:
         self.seen_at += [now] * len(new)
         return new
 
-    def find(self, pattern: str | re.Pattern[str]) -> tuple[re.Match[str], float] | None:
-        """The first line matching ``pattern`` and when it was first read."""
+    def find(
+        self, pattern: str | re.Pattern[str], start: int = 0
+    ) -> tuple[re.Match[str], float] | None:
+        """The first line from index ``start`` matching ``pattern``, and when it was read."""
         regex = re.compile(pattern)
-        for line, seen in zip(self.lines, self.seen_at, strict=True):
-            if found := regex.search(line):
-                return found, seen
+        for index in range(start, len(self.lines)):
+            if found := regex.search(self.lines[index]):
+                return found, self.seen_at[index]
         return None
+
+    def mark(self) -> int:
+        """The index the next new line will have; pass it to ``find`` as ``start``."""
+        self.poll()
+        return len(self.lines)
 
     def follow(self, until: Callable[[], bool]) -> Iterator[str]:
         """Yield lines as they appear, until ``until()`` is true."""
@@ -240,12 +250,14 @@ class Guest:
         pattern: str | re.Pattern[str],
         timeout: float,
         on_line: Callable[[str], None] | None = None,
+        start_line: int = 0,
     ) -> float:
         """Wait until a console line matches ``pattern``; return seconds since this call.
 
-        A line already on the console counts, with 0 seconds. ``on_line`` sees
-        each new line as it arrives. Raises ``GuestStopped`` as soon as the
-        domain has stopped without printing it, ``GuestTimeout`` after ``timeout``.
+        Lines before index ``start_line`` (see ``Console.mark``) are ignored; a
+        matching line already read counts, with 0 seconds. ``on_line`` sees each
+        new line as it arrives. Raises ``GuestStopped`` as soon as the domain
+        has stopped without printing it, ``GuestTimeout`` after ``timeout``.
         """
         start = time.monotonic()
         deadline = start + timeout
@@ -253,20 +265,24 @@ class Guest:
             for line in self.console.poll():
                 if on_line:
                     on_line(line)
-            if found := self.console.find(pattern):
+            if found := self.console.find(pattern, start_line):
                 return max(0.0, found[1] - start)
             if not self.is_active():
-                self.console.poll()
-                if found := self.console.find(pattern):
+                for line in self.console.poll():
+                    if on_line:
+                        on_line(line)
+                if found := self.console.find(pattern, start_line):
                     return max(0.0, found[1] - start)
                 raise GuestStopped(str(pattern), timeout, self.console.tail())
             if time.monotonic() > deadline:
                 raise GuestTimeout(str(pattern), timeout, self.console.tail())
             time.sleep(POLL_SECONDS)
 
-    def wait_ready(self, timeout: float = 120.0) -> dict[str, str]:
+    def wait_ready(
+        self, timeout: float = 120.0, on_line: Callable[[str], None] | None = None
+    ) -> dict[str, str]:
         """Wait for the READY marker; return its ``key=value`` fields."""
-        self.wait_for(READY_MARKER, timeout)
+        self.wait_for(READY_MARKER, timeout, on_line)
         found = self.console.find(READY_MARKER + r"(.*)")
         assert found is not None
         return dict(re.findall(r"(\w+)=(\S+)", found[0].group(1)))

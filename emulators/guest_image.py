@@ -4,7 +4,8 @@ A guest image is a Debian kernel and a busybox initramfs whose ``/init``
 configures the guest for one ``ImageVariant`` and prints console markers that
 crashlab keys on::
 
-    CRASHLAB-READY variant=kdump kernel=6.1.0-56-amd64 unknown_nmi_panic=1 kexec_crash_loaded=1
+    CRASHLAB-READY variant=kdump kernel=6.1.0-56-amd64 unknown_nmi_panic=1 \
+        kexec_crash_loaded=1 uptime=2.31                     (one line)
     CRASHLAB-CRASH-KERNEL kernel=6.1.0-56-amd64 vmcore_bytes=620756992
     CRASHLAB-PANIC-LOG [   12.34] Kernel panic - not syncing: NMI: Not continuing
     CRASHLAB-DUMP-SAVED bytes=17825792
@@ -227,7 +228,8 @@ echo {unknown_nmi_panic} > /proc/sys/kernel/unknown_nmi_panic
 {load_crash_kernel}
 echo "CRASHLAB-READY variant={variant} kernel=$(uname -r)" \
     "unknown_nmi_panic=$(cat /proc/sys/kernel/unknown_nmi_panic)" \
-    "kexec_crash_loaded=$(cat /sys/kernel/kexec_crash_loaded)"
+    "kexec_crash_loaded=$(cat /sys/kernel/kexec_crash_loaded)" \
+    "uptime=$(cut -d " " -f 1 /proc/uptime)"
 while :; do sleep 3600; done
 """
 
