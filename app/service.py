@@ -209,8 +209,14 @@ class ComputeService:
     def lock(self, ctx: Context, server_id: str) -> None:
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.LOCK, _target(record), ctx.credentials)
-        locked_by = "owner" if record.project_id == ctx.project_id else "admin"
-        self.store.update_server(record.uuid, locked_by=locked_by)
+        is_owner = record.project_id == ctx.project_id
+        # nova/compute/api.py lock: an owner re-locking changes nothing, so an
+        # admin's lock stays the admin's (and the owner still cannot lift it).
+        if record.locked and is_owner:
+            return
+        self.store.update_server(
+            record.uuid, touch=True, locked_by="owner" if is_owner else "admin"
+        )
         self._record_instant_action(ctx, record, "lock")
 
     def unlock(self, ctx: Context, server_id: str) -> None:
@@ -221,14 +227,14 @@ class ComputeService:
         expected = "owner" if record.project_id == ctx.project_id else "admin"
         if record.locked_by and record.locked_by != expected:
             self.policy.authorize(rules.UNLOCK_OVERRIDE, _target(record), ctx.credentials)
-        self.store.update_server(record.uuid, locked_by=None)
+        self.store.update_server(record.uuid, touch=True, locked_by=None)
         self._record_instant_action(ctx, record, "unlock")
 
     def reset_state(self, ctx: Context, server_id: str, state: str) -> None:
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.RESET_STATE, {"project_id": record.project_id}, ctx.credentials)
         self._record_instant_action(ctx, record, "resetState")
-        self.store.update_server(record.uuid, vm_state_override=RESET_STATES[state])
+        self.store.update_server(record.uuid, touch=True, vm_state_override=RESET_STATES[state])
 
     def _record_instant_action(self, ctx: Context, record: ServerRecord, action: str) -> None:
         self.store.start_action(
