@@ -148,12 +148,17 @@ class Store:
             session.delete(record)
             return True
 
-    def update_server(self, server_uuid: str, **values: Any) -> None:
+    def update_server(self, server_uuid: str, *, touch: bool = False, **values: Any) -> None:
+        """Set fields; ``touch`` also bumps ``updated_at``, as a Nova instance.save() would.
+
+        Bookkeeping (power state cache, NMI guard) does not touch: Nova's
+        trigger_crash_dump never saves the instance.
+        """
+        if touch:
+            values["updated_at"] = utcnow()
         with self.session() as session:
             session.execute(
-                update(ServerRecord)
-                .where(ServerRecord.uuid == server_uuid)
-                .values(updated_at=utcnow(), **values)
+                update(ServerRecord).where(ServerRecord.uuid == server_uuid).values(**values)
             )
 
     # Instance actions
