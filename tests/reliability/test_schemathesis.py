@@ -139,7 +139,7 @@ def _run(cloud: LiveServer, run: Run, config: Path, reports: Path) -> tuple[Coun
     flag = "--include-operation-id" if run.inventory else "--exclude-operation-id"
     for operation_id in INVENTORY:
         argv += [flag, operation_id]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=reports)
     output = done.stdout[-6000:] + done.stderr[-2000:]
     assert done.returncode == 0, f"schemathesis as {run.label} failed:\n{output}"
     entries = json.loads(har.read_text())["log"]["entries"]
