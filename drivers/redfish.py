@@ -190,7 +190,7 @@ class RedfishDriver(Driver):
             raise self._error(exc) from None
         except requests.RequestException as exc:
             raise BackendUnreachable(
-                f"cannot reach BMC at {self.settings.address}: {exc}"
+                f"cannot reach BMC at {self.settings.address}: {_reason(exc)}"
             ) from None
 
     def _error(self, exc: sushy_exceptions.SushyError) -> DriverError:
@@ -199,6 +199,10 @@ class RedfishDriver(Driver):
             cause = exc.__context__
             if isinstance(cause, requests.exceptions.SSLError):
                 return BackendError(f"TLS with BMC at {url} failed: {_reason(cause)}")
+            if isinstance(cause, requests.exceptions.Timeout):
+                return BackendUnreachable(
+                    f"no answer from BMC at {url} within {self.settings.timeout:g}s"
+                )
             return BackendUnreachable(f"cannot reach BMC at {url}: {_reason(cause or exc)}")
         if isinstance(exc, sushy_exceptions.AccessError):
             return BackendAuthFailed(
