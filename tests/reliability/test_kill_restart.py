@@ -122,7 +122,7 @@ def test_sigkill_with_actions_in_flight_loses_and_repeats_nothing(
         running = _running_events(admin)
     assert running == [], running
 
-    succeeded = Counter()
+    succeeded: Counter[str] = Counter()
     for request_id, events in results.items():
         [event] = events
         assert event["event"] == "compute_trigger_crash_dump"
