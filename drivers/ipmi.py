@@ -121,8 +121,10 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
     open_session_accepted: bool = False
 
     def login(self) -> None:
+        # The first login runs in the calling driver's thread; a later one (pyghmi
+        # retrying at a lower privilege) may run in any thread and keeps that call.
         call = getattr(_current_call, "value", None)
-        if call is not None:
+        if call is not None and "login_deadline" not in vars(self):
             call.session = self
             self.login_deadline = call.deadline
         super().login()
