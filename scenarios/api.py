@@ -74,6 +74,10 @@ class ScenarioAPI:
             self._user = self._login(self.user_account)
         return self._user
 
+    def login(self) -> None:
+        """Authenticate both accounts now, so bad credentials fail before a guest boots."""
+        _ = self.admin, self.user
+
     def register(self, name: str, driver: str, driver_info: dict[str, Any]) -> str:
         """Register a server owned by the user, through the admin extension; its uuid."""
         body = {

@@ -199,6 +199,8 @@ def run_kdump_scenario(
 
 def _run(result: ScenarioResult, api: ScenarioAPI, stack: ExitStack, progress: Progress) -> None:
     assert result.artifacts is not None
+    with progress.step("logging in to the API"):
+        api.login()
     with progress.step(f"building the {result.variant} guest image"):
         image = build_image(result.variant)
     guest = stack.enter_context(Guest(image))

@@ -33,7 +33,7 @@ def render_report(result: ScenarioResult) -> str:
         ("request", _or(result.request_id)),
         ("action event", event),
         ("NMI received", _yes(result.nmi_received)),
-        ("panicked", _yes(result.panicked) + _after(s.trigger_to_panic, "the trigger")),
+        ("panicked", _yes(result.panicked) + _after(s.trigger_to_panic, "the trigger", 2)),
         ("dump saved", _yes(result.dump_saved) + _after(s.panic_to_dump, "the panic")),
     ]
     if vmcore:
@@ -61,7 +61,7 @@ def render_report(result: ScenarioResult) -> str:
 def render_summary(results: Sequence[ScenarioResult]) -> str:
     """The matrix as one table, then one line saying whether it all passed."""
     headers = ["via", "variant", "verdict", "expected", "ok", "boot"]
-    headers += ["NMI→panic", "panic→dump", "vmcore kernel", "total"]
+    headers += ["trigger→panic", "panic→dump", "vmcore kernel", "total"]
     rows = [
         [
             r.via.value,
@@ -70,7 +70,7 @@ def render_summary(results: Sequence[ScenarioResult]) -> str:
             r.expected_verdict.value,
             "PASS" if r.ok else "FAIL",
             _secs(r.seconds.boot),
-            _secs(r.seconds.trigger_to_panic),
+            _secs(r.seconds.trigger_to_panic, digits=2),
             _secs(r.seconds.panic_to_dump),
             r.vmcore.kernel_release if r.vmcore else "-",
             _secs(r.seconds.total),
@@ -98,12 +98,12 @@ def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} s"
+def _secs(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f} s"
 
 
-def _after(value: float | None, what: str) -> str:
-    return "" if value is None else f" ({value:.1f} s after {what})"
+def _after(value: float | None, what: str, digits: int = 1) -> str:
+    return "" if value is None else f" ({value:.{digits}f} s after {what})"
 
 
 def _match(found: str, expected: str | None) -> str:

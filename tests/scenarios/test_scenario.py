@@ -1,0 +1,128 @@
+"""``crashlab scenario`` end to end: real guests, emulators, API and vmcores."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from tests.live import LiveServer, fake_cloud_config, free_port
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+
+EXPECTED = {
+    ("libvirt", "kdump"): "dump-verified",
+    ("ipmi", "kdump"): "dump-verified",
+    ("redfish", "kdump"): "dump-verified",
+    ("libvirt", "no-kdump"): "panic-no-dump",
+    ("libvirt", "nmi-ignored"): "nmi-ignored",
+}
+
+
+def crashlab(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+@pytest.mark.bmc
+def test_scenario_all_gives_every_expected_verdict(
+    tmp_path: Path, libvirt_conn: libvirt.virConnect
+) -> None:
+    run = crashlab("scenario", "all", "--json", "--output", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["ok"] is True
+    verdicts = {(r["via"], r["variant"]): r["verdict"] for r in report["results"]}
+    assert verdicts == EXPECTED
+    for r in report["results"]:
+        assert r["action_result"] == "Success"
+        assert r["nmi_received"] is True
+        assert not domain_exists(libvirt_conn, r["domain"])
+        if r["variant"] == "kdump":
+            assert_verified_vmcore(r)
+        else:
+            assert r["vmcore"] is None and r["dump_saved"] is False
+    assert {r["panicked"] for r in report["results"] if r["variant"] != "nmi-ignored"} == {True}
+
+
+def assert_verified_vmcore(r: dict[str, Any]) -> None:
+    vmcore = r["vmcore"]
+    assert vmcore["format"] == "kdump-compressed"
+    assert vmcore["kernel_release"] == r["guest_kernel_release"]
+    path = Path(vmcore["path"])
+    assert path.stat().st_size == vmcore["bytes"] > 1_000_000
+    described = subprocess.run(["file", "-b", str(path)], capture_output=True, text=True).stdout
+    assert "Kdump compressed dump" in described
+    assert f"release {r['guest_kernel_release']}" in described
+    assert r["seconds"]["panic_to_dump"] > 0
+
+
+def test_scenario_against_a_running_api(
+    tmp_path: Path, crashlab_server: Callable[..., LiveServer]
+) -> None:
+    """The fake cloud's admin registers the guest, alice triggers its dump."""
+    server = crashlab_server(fake_cloud_config())
+    run = crashlab(
+        "scenario", "kdump", "--variant", "no-kdump", "--api", server.url,
+        "--json", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["verdict"] == "panic-no-dump"
+    assert report["api_url"] == server.url
+    assert report["action_result"] == "Success"
+
+
+def test_unreachable_api_fails_before_booting(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    run = crashlab("scenario", "kdump", "--api", dead, "--json", "--output", str(tmp_path))
+    assert run.returncode == 1
+    report = json.loads(run.stdout)
+    assert report["verdict"] == "failed"
+    assert report["reason"]
+    assert report["domain"] is None
+
+
+def test_interrupted_scenario_cleans_up(tmp_path: Path, libvirt_conn: libvirt.virConnect) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "scenario", "kdump", "--via", "redfish",
+         "--output", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    domain = None
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        if found := re.search(r"guest (crashlab-\S+)", line):
+            domain = found.group(1)
+        if domain and "booting the guest" in line:
+            break
+        assert time.monotonic() < deadline
+    assert domain and domain_exists(libvirt_conn, domain)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert not domain_exists(libvirt_conn, domain)
+    assert not list((tmp_path / "sushy").glob("*.pid"))
+    sushy_log = (tmp_path / "sushy" / "emulator.log").read_text()
+    assert sushy_log  # it ran; and it is gone:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "sushy") not in ps
