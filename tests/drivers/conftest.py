@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -30,6 +31,7 @@ from emulators.process import EmulatorProcess
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.drivers import ipmi_peer
+from tests.live import LiveServer, fake_cloud_config
 
 # libvirt prints every error to stderr; the tests look at the exceptions.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -194,3 +196,46 @@ def ipmi_peers(tmp_path: Path) -> Iterator[Callable[..., IPMIPeers]]:
             return stack.enter_context(IPMIPeers(where, kinds, latency))
 
         yield start
+
+
+# -- through crashlab's REST API ----------------------------------------------------------
+
+
+def bmc_cloud(servers: dict[str, tuple[str, dict[str, object]]]) -> dict[str, Any]:
+    """The fake cloud's users, with ``servers`` (name -> (driver, driver_info)) owned by alice."""
+    return fake_cloud_config(
+        servers=[
+            {
+                "name": name,
+                "project_id": "alice",
+                "user_id": "alice",
+                "driver": driver,
+                "driver_info": info,
+            }
+            for name, (driver, info) in servers.items()
+        ]
+    )
+
+
+def trigger_as(server: LiveServer, user: str, name: str) -> tuple[str, str]:
+    """POST trigger_crash_dump to the server called ``name``; returns (server id, request id)."""
+    with server.client(user) as client:
+        [listed] = [s for s in client.get("/servers").json()["servers"] if s["name"] == name]
+        response = client.post(f"/servers/{listed['id']}/action", json={"trigger_crash_dump": None})
+        assert response.status_code == 202, response.text
+        return listed["id"], response.headers["x-openstack-request-id"]
+
+
+def wait_for_event(
+    server: LiveServer, user: str, server_id: str, request_id: str, timeout: float
+) -> dict[str, Any]:
+    """The trigger_crash_dump event, once finished, with its ``details``."""
+    deadline = time.monotonic() + timeout
+    with server.client(user) as client:
+        while True:
+            path = f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}"
+            [event] = client.get(path).json()["instanceAction"]["events"]
+            if event["result"]:
+                return dict(event)
+            assert time.monotonic() < deadline, f"event still running after {timeout}s: {event}"
+            time.sleep(0.1)

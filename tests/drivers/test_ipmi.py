@@ -38,9 +38,13 @@ from tests.drivers.conftest import (
     NMI_LOGGED,
     NMI_PANIC,
     IPMIPeers,
+    bmc_cloud,
     console_count,
+    trigger_as,
     wait_console_count,
+    wait_for_event,
 )
+from tests.live import LiveServer
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
 
@@ -332,3 +336,75 @@ def test_crash_dump_through_virtualbmc_panics_the_guest(vbmcs: VirtualBMCs) -> N
         assert driver.get_power_state() == PowerState.RUNNING
         driver.trigger_crash_dump()
         guest.wait_for(NMI_PANIC, timeout=60)
+
+
+# -- through crashlab's REST API ----------------------------------------------------------
+
+
+def _ipmi_info(endpoint: BMCEndpoint, **overrides: object) -> dict[str, object]:
+    info: dict[str, object] = {
+        "address": endpoint.address,
+        "port": endpoint.port,
+        "username": endpoint.username,
+        "password": endpoint.password,
+    }
+    return info | overrides
+
+
+@pytest.mark.slow
+def test_owner_triggers_through_the_api_and_the_guest_panics(
+    vbmcs: VirtualBMCs, crashlab_server: Callable[..., LiveServer]
+) -> None:
+    with Guest(build_image(ImageVariant.NO_KDUMP)) as guest:
+        guest.wait_ready(timeout=180)
+        endpoint = vbmcs.add(guest.name)
+        server = crashlab_server(bmc_cloud({"bm-ipmi": ("ipmi", _ipmi_info(endpoint))}))
+        server_id, request_id = trigger_as(server, "alice", "bm-ipmi")
+        guest.wait_for(NMI_PANIC, timeout=60)
+        event = wait_for_event(server, "alice", server_id, request_id, timeout=30)
+        assert (event["result"], event["details"]) == ("Success", None)
+        assert endpoint.password not in server.log_path.read_text()
+
+
+def test_bad_password_and_dead_bmc_end_in_error_events_while_the_api_answers(
+    vbmcs: VirtualBMCs,
+    blank_domain: Callable[..., str],
+    crashlab_server: Callable[..., LiveServer],
+) -> None:
+    live, dead = blank_domain(), blank_domain()
+    live_endpoint, dead_endpoint = vbmcs.add(live), vbmcs.add(dead)
+    vbmcs.stop(dead)
+    wrong_password = "wrong-password-42"
+    server = crashlab_server(
+        bmc_cloud(
+            {
+                "bm-wrong-password": ("ipmi", _ipmi_info(live_endpoint, password=wrong_password)),
+                "bm-dead-bmc": ("ipmi", _ipmi_info(dead_endpoint, timeout=3)),
+            }
+        )
+    )
+    started = time.monotonic()
+    wrong = trigger_as(server, "alice", "bm-wrong-password")
+    dead_bmc = trigger_as(server, "alice", "bm-dead-bmc")  # its power read waits up to 3s
+    accepted = time.monotonic()
+    with server.client("alice") as alice:  # the API answers while the dead BMC is awaited
+        answered = _timed(lambda: alice.get("/servers").raise_for_status())
+    wrong_event = wait_for_event(server, "alice", *wrong, timeout=10)
+    dead_event = wait_for_event(server, "alice", *dead_bmc, timeout=10)
+    failed = time.monotonic() - accepted
+    print(
+        f"\nboth accepted after {accepted - started:.2f}s; API answered in {answered:.2f}s; "
+        f"dead BMC's Error event {failed:.2f}s after it was accepted"
+    )
+    assert answered < 1
+    assert accepted - started < 3 + 1 and failed < 3 + 1
+    assert wrong_event["result"] == "Error"
+    assert wrong_event["details"] == (
+        f"BMC at 127.0.0.1:{live_endpoint.port} rejected the credentials of user 'crashlab': "
+        "Incorrect password provided"
+    )
+    assert dead_event["result"] == "Error"
+    assert dead_event["details"].startswith(f"no answer from BMC at 127.0.0.1:{dead_endpoint.port}")
+    log = server.log_path.read_text()
+    assert wrong_password not in log and live_endpoint.password not in log
+    assert POWER_DIAG_LOGGED not in vbmcs.log(live)
