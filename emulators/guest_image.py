@@ -315,7 +315,22 @@ def build_from_inputs(inputs: ImageInputs, cache: Path) -> GuestImage:
             # Another process built the same image first; theirs is identical.
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return load_image(target)
+    image = load_image(target)
+    prune_superseded(image, target.parent)
+    return image
+
+
+def prune_superseded(image: GuestImage, images_dir: Path) -> None:
+    """Delete older builds of the same variant and command line: a new input replaced them."""
+    for directory in images_dir.glob(f"{image.variant.value}-*"):
+        if directory == image.initrd.parent or not (directory / "manifest.json").exists():
+            continue
+        try:
+            old = load_image(directory)
+        except (OSError, ValueError, KeyError):
+            continue
+        if old.variant is image.variant and old.cmdline == image.cmdline:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def load_image(directory: Path) -> GuestImage:

@@ -21,6 +21,7 @@ import dataclasses
 import re
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,3 +150,30 @@ def describe(path: Path) -> str:
 
 def _cstring(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m emulators.vmcore DUMP_DISK OUT``: restore, verify, print JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m emulators.vmcore", description=main.__doc__)
+    parser.add_argument("disk", type=Path, help="the raw dump disk the crash kernel wrote")
+    parser.add_argument("out", type=Path, help="where to write the kdump-compressed vmcore")
+    parser.add_argument("--expect-release", help="fail unless the dump's kernel release is this")
+    args = parser.parse_args(argv)
+    try:
+        vmcore = extract_vmcore(args.disk, args.out)
+    except VmcoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(vmcore.as_dict(), indent=2))
+    if args.expect_release and vmcore.kernel_release != args.expect_release:
+        print(f"error: kernel release {vmcore.kernel_release}, expected {args.expect_release}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

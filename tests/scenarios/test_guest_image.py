@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -124,3 +125,16 @@ def test_kdump_image_contents(images: dict[ImageVariant, GuestImage]) -> None:
         f"zcat {images[ImageVariant.NO_KDUMP].initrd} | cpio -it",
         shell=True, capture_output=True, check=True, text=True,
     ).stdout.split()  # fmt: skip
+
+
+def test_a_new_build_removes_the_one_it_replaces(
+    private_cache: Path, images: dict[ImageVariant, GuestImage]
+) -> None:
+    shipped = images[ImageVariant.NO_KDUMP].initrd.parent
+    stale = private_cache / "images" / "no-kdump-0000000000000000"
+    shutil.copytree(shipped, stale)
+    other_cmdline = build_image(ImageVariant.NO_KDUMP, extra_cmdline="quiet")
+    assert stale.exists()  # a different command line does not replace it
+    fresh = build_image(ImageVariant.NO_KDUMP)
+    assert not stale.exists()
+    assert fresh.initrd.exists() and other_cmdline.initrd.exists()
