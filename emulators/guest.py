@@ -130,6 +130,8 @@ class Guest:
     """One libvirt domain booting ``image``; a context manager that always cleans up.
 
     ``accel`` defaults to what ``detect_accel`` finds (KVM only if it works).
+    The console log and dump disk live in ``workdir_root/<name>/`` (default
+    ``$CRASHLAB_CACHE/guests``), deleted with the domain.
     The domain is defined (persistent) and then started, so it looks the same
     whether or not virtualbmc or sushy-tools later redefine it.
     """
@@ -141,7 +143,7 @@ class Guest:
         uri: str = DEFAULT_URI,
         accel: Accel | None = None,
         name_prefix: str = "crashlab",
-        workdir: Path | None = None,
+        workdir_root: Path | None = None,
         memory_mib: int = MEMORY_MIB,
         dump_disk_mib: int = DUMP_DISK_MIB,
     ) -> None:
@@ -151,7 +153,7 @@ class Guest:
         self.name = f"{name_prefix}-{image.variant.value}-{secrets.token_hex(4)}"
         self.memory_mib = memory_mib
         self.dump_disk_mib = dump_disk_mib
-        self._workdir_root = workdir or cache_root() / "guests"
+        self._workdir_root = workdir_root or cache_root() / "guests"
         self.workdir = self._workdir_root / self.name
         self.console_path = self.workdir / "console.log"
         self.dump_disk = self.workdir / "dump.img"

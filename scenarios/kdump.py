@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import libvirt
 
 from app.client import ClientError
 from emulators.guest import Guest, GuestError
@@ -149,6 +150,7 @@ class ScenarioResult:
 # Failures that end a run with verdict "failed" and their message as the reason.
 RUN_ERRORS = (
     GuestError,
+    libvirt.libvirtError,
     ClientError,
     httpx.HTTPError,
     EmulatorStartError,
