@@ -300,6 +300,11 @@ class Guest:
 
     def cleanup(self) -> None:
         """Destroy and undefine the domain, then delete its files. Safe to repeat."""
+        if self._conn is not None:
+            # A new connection: a libvirtd restarted since start() (tests/reliability
+            # restarts it) has dropped the old one, and the domain must still go.
+            _ignore_libvirt_error(self._conn.close)
+            self._conn = None
         try:
             domain = self.conn.lookupByName(self.name)
         except libvirt.libvirtError:
