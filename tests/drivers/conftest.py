@@ -57,6 +57,9 @@ BLANK_DOMAIN_XML = """
 def libvirt_conn() -> Iterator[libvirt.virConnect]:
     conn = libvirt.open(LIBVIRT_URI)
     yield conn
+    conn.close()
+    # A new connection: libvirtd may have been restarted since (tests/reliability does).
+    conn = libvirt.open(LIBVIRT_URI)
     for domain in conn.listAllDomains():
         if domain.name().startswith(BLANK_PREFIX):  # left by a killed run
             _remove(domain)
