@@ -17,7 +17,7 @@ the service recorded:
 
 It reports the figures (p50/p90/p99/max latency of the 202, requests per
 second over the load phase) and exits 1 if any check failed. Times are
-reported, never asserted: tests/reliability/test_load.py runs a small load
+reported, never asserted: tests/reliability/test_load.py runs the full load
 and asserts only the checks.
 """
 
