@@ -158,7 +158,7 @@ class RedfishDriver(Driver):
 
     def _call(self, operation: Callable[[_Call], T], doing: str) -> T:
         """Run ``operation`` in its own thread; give up after ``timeout`` seconds."""
-        call = _Call()
+        call = _Call(doing)
         done = threading.Event()
 
         def run() -> None:
@@ -172,10 +172,7 @@ class RedfishDriver(Driver):
         threading.Thread(target=run, name=f"redfish {self.settings.address}", daemon=True).start()
         if not done.wait(self.settings.timeout):
             call.abandoned = True
-            raise BackendUnreachable(
-                f"no answer from BMC at {self.settings.address} "
-                f"within {self.settings.timeout:g}s ({doing})"
-            )
+            raise self._no_answer(doing)
         ok, value = call.result
         if ok:
             return value  # type: ignore[no-any-return]
@@ -187,22 +184,27 @@ class RedfishDriver(Driver):
         except DriverError:
             raise
         except sushy_exceptions.SushyError as exc:
-            raise self._error(exc) from None
+            raise self._error(exc, call.doing) from None
         except requests.RequestException as exc:
             raise BackendUnreachable(
                 f"cannot reach BMC at {self.settings.address}: {_reason(exc)}"
             ) from None
 
-    def _error(self, exc: sushy_exceptions.SushyError) -> DriverError:
+    def _no_answer(self, doing: str) -> BackendUnreachable:
+        return BackendUnreachable(
+            f"no answer from BMC at {self.settings.address} "
+            f"within {self.settings.timeout:g}s ({doing})"
+        )
+
+    def _error(self, exc: sushy_exceptions.SushyError, doing: str) -> DriverError:
         url = self.settings.address
         if isinstance(exc, sushy_exceptions.ConnectionError):
             cause = exc.__context__
             if isinstance(cause, requests.exceptions.SSLError):
                 return BackendError(f"TLS with BMC at {url} failed: {_reason(cause)}")
             if isinstance(cause, requests.exceptions.Timeout):
-                return BackendUnreachable(
-                    f"no answer from BMC at {url} within {self.settings.timeout:g}s"
-                )
+                # sushy's read timeout and the caller's deadline are the same wait.
+                return self._no_answer(doing)
             return BackendUnreachable(f"cannot reach BMC at {url}: {_reason(cause or exc)}")
         if isinstance(exc, sushy_exceptions.AccessError):
             return BackendAuthFailed(
@@ -227,9 +229,10 @@ class RedfishDriver(Driver):
 
 
 class _Call:
-    """One driver call running in its own thread."""
+    """One driver call running in its own thread; ``doing`` names it in errors."""
 
-    def __init__(self) -> None:
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
         self.abandoned = False
         self.result: tuple[bool, Any] = (False, None)
 
