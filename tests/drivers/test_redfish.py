@@ -30,8 +30,17 @@ from drivers.redfish import RedfishDriver
 from emulators.guest import Guest
 from emulators.guest_image import ImageVariant, build_image
 from emulators.sushy import SushyEmulator
-from tests.drivers.conftest import NMI_LOGGED, NMI_PANIC, console_count, wait_console_count
+from tests.drivers.conftest import (
+    NMI_LOGGED,
+    NMI_PANIC,
+    bmc_cloud,
+    console_count,
+    trigger_as,
+    wait_console_count,
+    wait_for_event,
+)
 from tests.drivers.redfish_peer import PeerBehaviour, RedfishPeer
+from tests.live import LiveServer
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
 
@@ -313,3 +322,87 @@ def test_crash_dump_through_sushy_tools_panics_the_guest(
         assert driver.get_power_state() == PowerState.RUNNING
         driver.trigger_crash_dump()
         guest.wait_for(NMI_PANIC, timeout=60)
+
+
+# -- through crashlab's REST API ----------------------------------------------------------
+
+
+def _redfish_info(emulator: SushyEmulator, **overrides: object) -> dict[str, object]:
+    info: dict[str, object] = {
+        "address": emulator.url,
+        "username": emulator.username,
+        "password": emulator.password,
+        "verify_tls": False,
+    }
+    return info | overrides
+
+
+@pytest.mark.slow
+def test_owner_triggers_through_the_api_and_the_guest_panics(
+    sushy_emulator: Callable[..., SushyEmulator], crashlab_server: Callable[..., LiveServer]
+) -> None:
+    with Guest(build_image(ImageVariant.NO_KDUMP)) as guest:
+        guest.wait_ready(timeout=180)
+        emulator = sushy_emulator(tls=True)
+        info = _redfish_info(
+            emulator, system_id=guest.uuid, verify_tls=True, ca_bundle=str(emulator.ca_file)
+        )
+        server = crashlab_server(bmc_cloud({"bm-redfish": ("redfish", info)}))
+        server_id, request_id = trigger_as(server, "alice", "bm-redfish")
+        guest.wait_for(NMI_PANIC, timeout=60)
+        event = wait_for_event(server, "alice", server_id, request_id, timeout=30)
+        assert (event["result"], event["details"]) == ("Success", None)
+        assert emulator.password not in server.log_path.read_text()
+
+
+def test_bad_password_and_hung_bmc_end_in_error_events_while_the_api_answers(
+    sushy_emulator: Callable[..., SushyEmulator],
+    blank_domain: Callable[..., str],
+    silent_bmc: str,
+    crashlab_server: Callable[..., LiveServer],
+) -> None:
+    name = blank_domain()
+    emulator = sushy_emulator()
+    wrong_password = "wrong-password-42"
+    system_id = emulator.system_id(name)
+    hung = {"address": silent_bmc, "username": "root", "password": "hung-secret", "timeout": 3}
+    server = crashlab_server(
+        bmc_cloud(
+            {
+                "bm-wrong-password": (
+                    "redfish",
+                    _redfish_info(emulator, system_id=system_id, password=wrong_password),
+                ),
+                "bm-hung-bmc": ("redfish", hung),
+            }
+        )
+    )
+    started = time.monotonic()
+    wrong = trigger_as(server, "alice", "bm-wrong-password")
+    hung_bmc = trigger_as(server, "alice", "bm-hung-bmc")  # its power read waits up to 3s
+    accepted = time.monotonic()
+    with server.client("alice") as alice:  # the API answers while the hung BMC is awaited
+        started_get = time.monotonic()
+        alice.get("/servers").raise_for_status()
+        answered = time.monotonic() - started_get
+    wrong_event = wait_for_event(server, "alice", *wrong, timeout=10)
+    hung_event = wait_for_event(server, "alice", *hung_bmc, timeout=10)
+    failed = time.monotonic() - accepted
+    print(
+        f"\nboth accepted after {accepted - started:.2f}s; API answered in {answered:.2f}s; "
+        f"hung BMC's Error event {failed:.2f}s after it was accepted"
+    )
+    assert answered < 1
+    assert accepted - started < 3 + 1 and failed < 3 + 1
+    assert wrong_event["result"] == "Error"
+    assert wrong_event["details"] == (
+        f"BMC at {emulator.url} rejected the credentials of user 'crashlab' (HTTP 401)"
+    )
+    assert hung_event["result"] == "Error"
+    assert hung_event["details"] == (
+        f"no answer from BMC at {silent_bmc} within 3s (sending ComputerSystem.Reset (Nmi))"
+    )
+    log = server.log_path.read_text()
+    for secret in (wrong_password, emulator.password, "hung-secret"):
+        assert secret not in log
+    assert _resets_logged(emulator, name) == 0
