@@ -7,13 +7,17 @@ is stopped after its module, whatever happened.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+# The BMC emulator fixtures, shared with tests/drivers.
+from tests.drivers.conftest import ipmi_peers, sushy_emulator, vbmcs  # noqa: F401
 from tests.live import LiveServer, start_server
+from tests.reliability.domains import PREFIX, remove, start_blank
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +35,19 @@ def module_server(
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def blank_domains() -> Iterator[Callable[[], str]]:
+    """Factory: start a blank domain, return its name; every one is removed after the test."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = PREFIX + secrets.token_hex(4)
+        names.append(name)
+        start_blank(name)
+        return name
+
+    yield make
+    for name in names:
+        remove(name)

@@ -17,7 +17,6 @@ pid file, and always starts it again, even when the test fails.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -25,7 +24,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import libvirt
 import pytest
 
 from tests.live import LiveServer
@@ -37,69 +35,13 @@ from tests.reliability.cloud import (
     trigger,
     wait_for_action,
 )
+from tests.reliability.domains import URI, connect, remove, start_blank
 
 pytestmark = pytest.mark.libvirt
 
-URI = "qemu:///system"
 PID_FILE = Path("/run/libvirtd.pid")
-PREFIX = "crashlab-reltest-"
-BLANK_DOMAIN_XML = """
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices><memballoon model='none'/></devices>
-</domain>
-"""
 # Fast failure when libvirtd is gone; the driver's own calls are bounded by this too.
 DRIVER_TIMEOUT = 10
-
-
-def _connect(timeout: float = 20.0) -> libvirt.virConnect:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return libvirt.open(URI)
-        except libvirt.libvirtError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def _remove(name: str) -> None:
-    conn = _connect()
-    try:
-        domain = conn.lookupByName(name)
-        if domain.isActive():
-            domain.destroy()
-        domain.undefine()
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
-
-
-@pytest.fixture
-def blank_domains() -> Iterator[Callable[[], str]]:
-    """Factory: a running blank domain's name. Each is removed afterwards, over a new
-    connection (libvirtd may have been restarted in between)."""
-    names: list[str] = []
-
-    def make() -> str:
-        name = PREFIX + secrets.token_hex(4)
-        conn = _connect()
-        try:
-            conn.defineXML(BLANK_DOMAIN_XML.format(name=name)).create()
-        finally:
-            conn.close()
-        names.append(name)
-        return name
-
-    yield make
-    for name in names:
-        _remove(name)
 
 
 class Libvirtd:
@@ -128,7 +70,7 @@ class Libvirtd:
     def start(self) -> None:
         if self.pid() is None:
             subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
-        _connect(timeout=30).close()
+        connect(timeout=30).close()
 
 
 @pytest.fixture
@@ -214,7 +156,7 @@ def test_domain_deleted_between_listing_and_triggering(
         [server] = [s for s in listed if s["id"] == doomed]
         assert server["status"] == "ACTIVE" and server["OS-EXT-STS:power_state"] == 1
 
-        _remove(domain)
+        remove(domain)
 
         for _ in range(2):  # nothing was sent, so the retry is not held by the guard
             event = _dump(cloud, admin, doomed)
@@ -223,11 +165,7 @@ def test_domain_deleted_between_listing_and_triggering(
         assert alice.get(f"/servers/{doomed}").status_code == 200
 
         # The domain comes back (same name): the same server works again.
-        conn = _connect()
-        try:
-            conn.defineXML(BLANK_DOMAIN_XML.format(name=domain)).create()
-        finally:
-            conn.close()
+        start_blank(domain)
         assert _dump(cloud, admin, doomed)["result"] == "Success"
         # An id nobody knows is still a plain 404.
         assert_fault(trigger(alice, "6a1e0e5a-0000-4000-8000-000000000000"), 404)
