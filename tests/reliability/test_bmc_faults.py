@@ -1,0 +1,260 @@
+"""BMC faults against the real emulators, through a live ``crashlab serve``.
+
+- **BMC down**: virtualbmc and sushy-tools stopped. The event is ``Error``
+  within the BMC's timeout, while servers behind live BMCs, triggered at the
+  same moment, succeed as fast as ever and get exactly one NMI each.
+- **Emulator crash mid-request**: the emulator is frozen (SIGSTOP), so the
+  trigger's request is certainly in flight when it is killed (SIGKILL). The
+  event is ``Error`` with the BMC's address in its details, no event is left
+  running, the API answers throughout, and once the emulator is back the
+  server is usable again (past the storm guard, as the NMI may have gone out).
+
+Wrong BMC passwords, for both drivers, are covered through the REST API in
+tests/drivers/test_ipmi.py and tests/drivers/test_redfish.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from emulators.sushy import SushyEmulator
+from emulators.vbmc import BMCEndpoint, VirtualBMCs
+from tests.drivers.conftest import bmc_cloud
+from tests.live import LiveServer
+from tests.reliability.cloud import assert_fault, config_server_id, trigger
+
+pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
+
+TIMEOUT = 4  # seconds: every BMC's driver_info timeout here
+POWER_DIAG_LOGGED = "Power diag called for domain"
+RESET_LOGGED = "POST /redfish/v1/Systems/{}/Actions/ComputerSystem.Reset"
+
+
+def _ipmi(endpoint: BMCEndpoint) -> tuple[str, dict[str, object]]:
+    return "ipmi", {
+        "address": endpoint.address,
+        "port": endpoint.port,
+        "username": endpoint.username,
+        "password": endpoint.password,
+        "timeout": TIMEOUT,
+    }
+
+
+def _redfish(emulator: SushyEmulator, domain: str) -> tuple[str, dict[str, object]]:
+    return "redfish", {
+        "address": emulator.url,
+        "system_id": emulator.system_id(domain),
+        "username": emulator.username,
+        "password": emulator.password,
+        "timeout": TIMEOUT,
+    }
+
+
+def _resets_logged(emulator: SushyEmulator, domain: str) -> int:
+    return emulator.log().count(RESET_LOGGED.format(emulator.system_id(domain)))
+
+
+def _trigger_all(cloud: LiveServer, token: str, names: list[str]) -> dict[str, tuple[str, float]]:
+    """POST trigger_crash_dump to each server at once: name -> (request id, seconds to 202)."""
+
+    def post(name: str) -> tuple[str, float]:
+        headers = {"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.17"}
+        with httpx.Client(base_url=cloud.compute_url, headers=headers, timeout=30) as client:
+            started = time.monotonic()
+            response = trigger(client, config_server_id(name))
+            assert response.status_code == 202, response.text
+            return response.headers["x-openstack-request-id"], time.monotonic() - started
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(post, names), strict=True))
+
+
+def _finished_event(
+    client: httpx.Client, name: str, request_id: str, timeout: float
+) -> dict[str, Any]:
+    """The trigger's event once finished, with its details (the extension's view)."""
+    path = f"/crashlab/servers/{config_server_id(name)}/os-instance-actions/{request_id}"
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(path)
+        assert response.status_code == 200, response.text
+        [event] = response.json()["instanceAction"]["events"]
+        if event["finish_time"]:
+            return dict(event)
+        assert time.monotonic() < deadline, f"{name}: event still running after {timeout}s"
+        time.sleep(0.05)
+
+
+def _took(event: dict[str, Any]) -> float:
+    """Seconds from the action being recorded (just before the 202) to the event's result."""
+    start = dt.datetime.fromisoformat(event["start_time"])
+    return (dt.datetime.fromisoformat(event["finish_time"]) - start).total_seconds()
+
+
+def _running_events(cloud: LiveServer) -> int:
+    with sqlite3.connect(cloud.state_file) as db:
+        query = "SELECT COUNT(*) FROM instance_actions_events WHERE finish_time IS NULL"
+        count: int = db.execute(query).fetchone()[0]
+    return count
+
+
+def test_bmc_down_is_an_error_within_the_timeout_and_live_bmcs_are_unaffected(
+    vbmcs: VirtualBMCs,
+    sushy_emulator: Callable[..., SushyEmulator],
+    blank_domains: Callable[[], str],
+    crashlab_server: Callable[..., LiveServer],
+) -> None:
+    domains = {name: blank_domains() for name in ("ipmi", "ipmi-down", "redfish", "redfish-down")}
+    endpoints = {name: vbmcs.add(domains[name]) for name in ("ipmi", "ipmi-down")}
+    emulators = {
+        name: sushy_emulator(domains=[domains[name]]) for name in ("redfish", "redfish-down")
+    }
+    servers = {name: _ipmi(endpoint) for name, endpoint in endpoints.items()}
+    servers |= {name: _redfish(emulator, domains[name]) for name, emulator in emulators.items()}
+    cloud = crashlab_server(bmc_cloud(servers))
+    vbmcs.stop(domains["ipmi-down"])
+    emulators["redfish-down"].stop()
+
+    accepted = _trigger_all(cloud, cloud.token("alice"), list(servers))
+    with cloud.client("alice") as alice:
+        answered = time.monotonic()
+        alice.get("/servers").raise_for_status()
+        answered = time.monotonic() - answered
+        events = {
+            name: _finished_event(alice, name, request_id, timeout=2 * TIMEOUT)
+            for name, (request_id, _) in accepted.items()
+        }
+    print()
+    for name, event in events.items():
+        print(
+            f"{name}: 202 after {accepted[name][1]:.2f}s, {event['result']} "
+            f"{_took(event):.2f}s later: {event['details']}"
+        )
+    print(f"the API answered a listing in {answered:.3f}s meanwhile")
+
+    assert answered < 1
+    for name in ("ipmi", "redfish"):  # not held up by the dead BMCs
+        assert (events[name]["result"], events[name]["details"]) == ("Success", None)
+        assert _took(events[name]) < 2
+    assert vbmcs.log(domains["ipmi"]).count(POWER_DIAG_LOGGED) == 1
+    assert _resets_logged(emulators["redfish"], domains["redfish"]) == 1
+    for name in ("ipmi-down", "redfish-down"):
+        assert events[name]["result"] == "Error"
+        assert _took(events[name]) <= TIMEOUT + 1
+    assert events["ipmi-down"]["details"].startswith(
+        f"no answer from BMC at 127.0.0.1:{endpoints['ipmi-down'].port}"
+    )
+    assert events["redfish-down"]["details"] == (
+        f"cannot reach BMC at {emulators['redfish-down'].url}: [Errno 111] Connection refused"
+    )
+    assert _running_events(cloud) == 0
+
+
+def test_emulator_killed_mid_request_is_an_error_and_nothing_is_left_running(
+    vbmcs: VirtualBMCs,
+    sushy_emulator: Callable[..., SushyEmulator],
+    blank_domains: Callable[[], str],
+    crashlab_server: Callable[..., LiveServer],
+) -> None:
+    domains = {name: blank_domains() for name in ("ipmi", "redfish", "bystander")}
+    before = set(vbmcs.pids())
+    endpoint = vbmcs.add(domains["ipmi"])
+    [vbmc_pid] = set(vbmcs.pids()) - before
+    emulator = sushy_emulator(domains=[domains["redfish"]])
+    assert emulator.pid is not None
+    sushy_pid = emulator.pid
+    cloud = crashlab_server(
+        bmc_cloud(
+            {
+                "ipmi": _ipmi(endpoint),
+                "redfish": _redfish(emulator, domains["redfish"]),
+                "bystander": _ipmi(vbmcs.add(domains["bystander"])),
+            }
+        )
+    )
+    with cloud.client("alice") as alice, cloud.client("admin") as admin:
+        alice.get("/servers/detail").raise_for_status()  # power states read while BMCs answer
+
+        # Frozen emulators take the requests and never answer: the trigger is in flight.
+        os.kill(vbmc_pid, signal.SIGSTOP)
+        os.kill(sushy_pid, signal.SIGSTOP)
+        try:
+            accepted = _trigger_all(cloud, cloud.token("alice"), ["ipmi", "redfish"])
+            time.sleep(0.5)
+            assert all(not e["finish_time"] for e in _events_now(alice, accepted))
+        finally:
+            os.kill(vbmc_pid, signal.SIGKILL)
+            os.kill(sushy_pid, signal.SIGKILL)
+        killed = time.monotonic()
+
+        answered = time.monotonic()
+        alice.get("/servers").raise_for_status()
+        answered = time.monotonic() - answered
+        bystander = _trigger_all(cloud, cloud.token("alice"), ["bystander"])["bystander"]
+        events = {
+            name: _finished_event(alice, name, request_id, timeout=2 * TIMEOUT)
+            for name, (request_id, _) in accepted.items()
+        }
+        failed_after = time.monotonic() - killed
+        bystander_event = _finished_event(alice, "bystander", bystander[0], timeout=2 * TIMEOUT)
+        print()
+        for name, event in events.items():
+            print(
+                f"{name}: {event['result']} {_took(event):.2f}s after the 202: {event['details']}"
+            )
+        print(
+            f"all Error {failed_after:.2f}s after the kill; the API answered in {answered:.3f}s; "
+            f"a live BMC's trigger: {bystander_event['result']} in {_took(bystander_event):.2f}s"
+        )
+
+        assert answered < 1
+        assert bystander_event["result"] == "Success"
+        assert failed_after <= TIMEOUT + 1
+        assert events["ipmi"]["result"] == events["redfish"]["result"] == "Error"
+        assert events["ipmi"]["details"].startswith(
+            f"no answer from BMC at 127.0.0.1:{endpoint.port}"
+        )
+        assert events["redfish"]["details"].startswith(f"cannot reach BMC at {emulator.url}: ")
+        assert _running_events(cloud) == 0
+        assert POWER_DIAG_LOGGED not in vbmcs.log(domains["ipmi"])
+        assert _resets_logged(emulator, domains["redfish"]) == 0
+
+        # Back up: the NMI may have gone out, so the guard holds for the owner; an admin
+        # passes it, and the server is reached without a restart of crashlab.
+        vbmcs.stop(domains["ipmi"])
+        vbmcs.start(domains["ipmi"])
+        emulator.stop()
+        emulator.start()
+        for name in ("ipmi", "redfish"):
+            assert_fault(trigger(alice, config_server_id(name)), 409, "crash dump")
+            forced = admin.post(
+                f"/crashlab/servers/{config_server_id(name)}/action",
+                json={"trigger_crash_dump": {"ignore_nmi_guard": True}},
+            )
+            assert forced.status_code == 202, forced.text
+            request_id = forced.headers["x-openstack-request-id"]
+            assert _finished_event(admin, name, request_id, timeout=2 * TIMEOUT)["result"] == (
+                "Success"
+            )
+        assert vbmcs.log(domains["ipmi"]).count(POWER_DIAG_LOGGED) == 1
+        assert _resets_logged(emulator, domains["redfish"]) == 1
+
+
+def _events_now(
+    client: httpx.Client, accepted: dict[str, tuple[str, float]]
+) -> list[dict[str, Any]]:
+    events = []
+    for name, (request_id, _) in accepted.items():
+        path = f"/crashlab/servers/{config_server_id(name)}/os-instance-actions/{request_id}"
+        events += client.get(path).json()["instanceAction"]["events"]
+    return events
