@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import json_body
-from app.exceptions import BadRequest, NotFound, Unauthorized
 from app.config import DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, IdentityConfig, derived_id
+from app.exceptions import BadRequest, NotFound, Unauthorized
 from app.identity import AuthenticationFailed, Token, TokenStore
 
 router = APIRouter(prefix="/identity")
@@ -80,7 +80,9 @@ def _password_request(body: Any) -> tuple[str, str, str | None]:
     return user_key, password, project_key
 
 
-def _resolve(identity: IdentityConfig, user_key: str, project_key: str | None) -> tuple[str, str | None]:
+def _resolve(
+    identity: IdentityConfig, user_key: str, project_key: str | None
+) -> tuple[str, str | None]:
     user = identity.user_by_name_or_id(user_key)
     project = identity.project_by_name_or_id(project_key) if project_key else None
     return (user.name if user else user_key), (project.name if project else project_key)

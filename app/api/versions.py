@@ -47,10 +47,11 @@ def _document(request: Request, version_id: str) -> dict[str, Any]:
     entry["links"].append(
         {"rel": "describedby", "type": "text/html", "href": "http://docs.openstack.org/"}
     )
+    media_version = version_id[1:].removesuffix(".0")
     entry["media-types"] = [
         {
             "base": "application/json",
-            "type": f"application/vnd.openstack.compute+json;version={version_id[1:].removesuffix('.0')}",
+            "type": f"application/vnd.openstack.compute+json;version={media_version}",
         }
     ]
     return {"version": entry}

@@ -11,8 +11,8 @@ from app.api.microversion import (
     LOCKED_FIELD_VERSION,
     APIVersion,
 )
-from app.store import ActionEvent, InstanceAction
 from app.service import ServerView
+from app.store import ActionEvent, InstanceAction
 
 # nova/api/openstack/common.py _STATE_MAP, for the states crashlab derives.
 STATUS_FOR_VM_STATE = {
