@@ -15,17 +15,21 @@ from app.service import ComputeService, Context
 JSON_TYPES = ("application/json", "application/vnd.openstack.compute+json")
 
 
-def service(request: Request) -> ComputeService:
+# The dependencies are async although they never wait: FastAPI runs a sync
+# dependency in a worker thread, and that hop cost more than the work itself.
+
+
+async def service(request: Request) -> ComputeService:
     compute: ComputeService = request.app.state.service
     return compute
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:
     """The authenticated caller, from X-Auth-Token; 401 otherwise."""
     token = request.app.state.tokens.validate(request.headers.get("x-auth-token"))
     if token is None:
         raise Unauthorized()
-    compute = service(request)
+    compute: ComputeService = request.app.state.service
     return Context(
         credentials=token.credentials,
         is_admin=compute.policy.is_admin(token.credentials),
@@ -33,7 +37,7 @@ def context(request: Request) -> Context:
     )
 
 
-def api_version(request: Request) -> APIVersion:
+async def api_version(request: Request) -> APIVersion:
     version: APIVersion = getattr(request.state, "api_version", MIN_VERSION)
     return version
 
