@@ -179,8 +179,8 @@ class ComputeService:
                 project_id=ctx.project_id,
                 event_name=CRASH_DUMP_EVENT,
                 host=self.config.host_name,
+                stamp_server="last_crash_dump_at",
             )
-            self.store.update_server(record.uuid, last_crash_dump_at=action.start_time)
         return PendingCrashDump(record, action, action.events[0].id)
 
     def _check_nmi_guard(self, record: ServerRecord) -> None:

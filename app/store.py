@@ -174,8 +174,13 @@ class Store:
         event_name: str | None = None,
         host: str | None = None,
         finished: bool = False,
+        stamp_server: str | None = None,
     ) -> InstanceAction:
-        """Record an action and, optionally, its first event, in one transaction."""
+        """Record an action and, optionally, its first event, in one transaction.
+
+        ``stamp_server`` names a column of the instance's server record set to
+        the action's start time in the same transaction (one commit, not two).
+        """
         now = utcnow()
         record = InstanceAction(
             request_id=request_id,
@@ -190,6 +195,12 @@ class Store:
             record.events.append(ActionEvent(event=event_name, start_time=now, host=host))
         with self.session() as session:
             session.add(record)
+            if stamp_server is not None:
+                session.execute(
+                    update(ServerRecord)
+                    .where(ServerRecord.uuid == instance_uuid)
+                    .values({stamp_server: now})
+                )
         return record
 
     def finish_event(
