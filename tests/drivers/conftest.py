@@ -5,8 +5,8 @@
 - ``nmi_logging_guest``: a booted ``nmi-ignored`` guest whose kernel logs every
   NMI on its serial console, so delivery can be counted. One per session.
 - ``vbmcs`` / ``sushy_emulator``: the BMC emulators in front of domains.
-- ``ipmi_peers``: pyghmi's own BMC server (``tests/drivers/ipmi_peer.py``), many
-  BMCs in one child process, counting the NMIs each receives.
+- ``ipmi_peers``: pyghmi's own BMC server (``tests/drivers/ipmi_peer.py``), one
+  child process per BMC, counting the NMIs each receives.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ LIBVIRT_URI = "qemu:///system"
 BLANK_PREFIX = "crashlab-bmctest-"
 NMI_LOGGED = "NMI received for unknown reason"
 NMI_PANIC = "Kernel panic - not syncing: NMI"
+# Peer BMC processes started at once (each start is mostly a Python import).
+_PEER_STARTERS = 4
 
 BLANK_DOMAIN_XML = """
 <domain type='qemu'>
@@ -146,9 +149,14 @@ def sushy_emulator(tmp_path: Path) -> Iterator[Callable[..., SushyEmulator]]:
 
 
 class IPMIPeers:
-    """BMCs served by ``tests/drivers/ipmi_peer.py`` in one child process; stopped on exit.
+    """BMCs served by ``tests/drivers/ipmi_peer.py``, one child process each; stopped on exit.
 
-    ``ports`` are in the order of the kinds asked for.
+    ``ports`` are in the order of the kinds asked for. One process per BMC, as
+    on real hardware: pyghmi's BMC server keeps its sessions in class-level
+    state keyed by the client's address, and a login from a client address it
+    has seen drops every session of that address in the process. pyghmi's
+    client talks to many BMCs from one UDP socket, so BMCs sharing a process
+    would drop each other's sessions when logins overlap.
     """
 
     username = ipmi_peer.USERNAME
@@ -156,31 +164,43 @@ class IPMIPeers:
 
     def __init__(self, workdir: Path, kinds: list[str], latency: float = 0.0) -> None:
         workdir.mkdir(parents=True)
-        self.ports_file = workdir / "ports.json"
         self.nmi_log = workdir / "nmi.log"
         self.ports: list[int] = []
-        self.process = EmulatorProcess(
-            "ipmi peers",
-            [
-                sys.executable,
-                "-m",
-                "tests.drivers.ipmi_peer",
-                str(self.ports_file),
-                str(self.nmi_log),
-                str(latency),
-                *kinds,
-            ],
-            env=dict(os.environ),
-            log_path=workdir / "peer.log",
-        )
+        self._ports_files = [workdir / f"ports-{index}.json" for index in range(len(kinds))]
+        self.processes = [
+            EmulatorProcess(
+                f"ipmi peer {index} ({kind})",
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.drivers.ipmi_peer",
+                    str(ports_file),
+                    str(self.nmi_log),
+                    str(latency),
+                    kind,
+                ],
+                env=dict(os.environ),
+                log_path=workdir / f"peer-{index}.log",
+            )
+            for index, (kind, ports_file) in enumerate(zip(kinds, self._ports_files, strict=True))
+        ]
 
     def __enter__(self) -> IPMIPeers:
-        self.process.start()
-        self.ports = json.loads(self.ports_file.read_text())
+        try:
+            with ThreadPoolExecutor(_PEER_STARTERS) as pool:
+                list(pool.map(lambda process: process.start(), self.processes))
+        except BaseException:
+            self.__exit__()
+            raise
+        self.ports = [json.loads(f.read_text())[0] for f in self._ports_files]
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.process.stop()
+        for process in self.processes:
+            process.stop()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes if p.pid is not None]
 
     def nmis(self) -> Counter[int]:
         """NMIs received so far, by BMC port."""

@@ -3,6 +3,8 @@
 Run as ``python -m tests.drivers.ipmi_peer PORTS_FILE NMI_LOG LATENCY KIND...``:
 one ``pyghmi.ipmi.bmc.Bmc`` per KIND on 127.0.0.1 (ports picked by the
 kernel, written to PORTS_FILE as JSON), all in this one process, until killed.
+``IPMIPeers`` (tests/drivers/conftest.py) runs one KIND per process and all
+of them append to one NMI_LOG (one short ``O_APPEND`` write per NMI).
 
 Kinds:
 

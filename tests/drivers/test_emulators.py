@@ -111,9 +111,9 @@ def test_sushy_emulator_ends_with_the_context_even_on_error(
 
 def test_ipmi_peers_end_with_the_context(tmp_path: Path) -> None:
     with IPMIPeers(tmp_path / "peers", ["on", "off"]) as peers:
-        pid = peers.process.pid
-        assert pid is not None and _alive(pid) and len(peers.ports) == 2
-    assert _wait_dead([pid], timeout=0) == []
+        pids = peers.pids()
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids) and len(peers.ports) == 2
+    assert _wait_dead(pids, timeout=0) == []
 
 
 def test_blank_domains_are_removed_even_on_error(libvirt_conn: libvirt.virConnect) -> None:
@@ -167,7 +167,7 @@ def test_fixtures_start_peers(
     vbmcs.add(names[0])
     emulator = sushy_emulator(tls=True)
     peers = ipmi_peers(["on"])
-    pids = [*vbmcs.pids(), emulator.pid, peers.process.pid]
+    pids = [*vbmcs.pids(), emulator.pid, *peers.pids()]
     _pids_started_by_fixtures.extend(pid for pid in pids if pid is not None)
     _domains_started_by_fixtures.extend(names)
     assert len(_pids_started_by_fixtures) == 3
