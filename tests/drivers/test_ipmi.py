@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import libvirt
 import pytest
 from pyghmi.ipmi.private import constants as ipmi_constants
@@ -408,3 +409,50 @@ def test_bad_password_and_dead_bmc_end_in_error_events_while_the_api_answers(
     log = server.log_path.read_text()
     assert wrong_password not in log and live_endpoint.password not in log
     assert POWER_DIAG_LOGGED not in vbmcs.log(live)
+
+
+API_FLEET = 24
+
+
+def _crash_dump_through_the_api(server: LiveServer, token: str, server_id: str) -> None:
+    """POST trigger_crash_dump and wait until its event is Success."""
+    headers = {"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.17"}
+    with httpx.Client(base_url=server.compute_url, headers=headers, timeout=30) as client:
+        response = client.post(f"/servers/{server_id}/action", json={"trigger_crash_dump": None})
+        assert response.status_code == 202, response.text
+        path = f"/crashlab/servers/{server_id}/os-instance-actions/"
+        path += response.headers["x-openstack-request-id"]
+        while True:
+            [event] = client.get(path).json()["instanceAction"]["events"]
+            if event["result"]:
+                assert (event["result"], event["details"]) == ("Success", None)
+                return
+            time.sleep(0.1)
+
+
+def test_a_fleet_of_bmcs_is_triggered_through_the_api_in_parallel(
+    ipmi_peers: Callable[..., IPMIPeers], crashlab_server: Callable[..., LiveServer]
+) -> None:
+    peers = ipmi_peers(["on"] * (1 + API_FLEET), latency=LATENCY)
+    info: dict[str, object] = {
+        "address": "127.0.0.1",
+        "username": peers.username,
+        "password": peers.password,
+    }
+    servers = {f"bm-{port}": ("ipmi", info | {"port": port}) for port in peers.ports}
+    server = crashlab_server(bmc_cloud(servers))
+    token = server.token("alice")
+    with server.client("alice") as alice:
+        ids = {s["name"]: s["id"] for s in alice.get("/servers").json()["servers"]}
+    first, *fleet = (ids[f"bm-{port}"] for port in peers.ports)
+    one = _timed(lambda: _crash_dump_through_the_api(server, token, first))
+    with ThreadPoolExecutor(API_FLEET) as pool:
+        wall = _timed(
+            lambda: list(pool.map(lambda i: _crash_dump_through_the_api(server, token, i), fleet))
+        )
+    print(
+        f"\nthrough the API: one trigger {one:.2f}s; {API_FLEET} at once: {wall:.2f}s "
+        f"({API_FLEET} x one = {API_FLEET * one:.2f}s)"
+    )
+    assert peers.nmis() == Counter(peers.ports)
+    assert wall < API_FLEET * one / 4
