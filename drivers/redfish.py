@@ -189,6 +189,12 @@ class RedfishDriver(Driver):
             raise BackendUnreachable(
                 f"cannot reach BMC at {self.settings.address}: {_reason(exc)}"
             ) from None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # sushy reads a resource's fields as it uses them: a malformed one fails there.
+            raise BackendError(
+                f"BMC at {self.settings.address} sent a malformed Redfish resource: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
 
     def _no_answer(self, doing: str) -> BackendUnreachable:
         return BackendUnreachable(

@@ -35,6 +35,7 @@ class PeerBehaviour:
     latency: float = 0.0
     username: str = "root"
     password: str = "peer-secret"
+    malformed_root: bool = False  # the service root is a JSON list, not a resource
 
 
 class RedfishPeer:
@@ -65,9 +66,11 @@ class RedfishPeer:
         self._server.shutdown()
         self._server.server_close()
 
-    def resource(self, path: str) -> dict[str, Any] | None:
+    def resource(self, path: str) -> dict[str, Any] | list[Any] | None:
         b = self.behaviour
         if path in ("/redfish/v1", "/redfish/v1/"):
+            if b.malformed_root:
+                return []
             return {
                 "@odata.id": "/redfish/v1/",
                 "Id": "RootService",
@@ -158,7 +161,7 @@ def _handler_for(peer: RedfishPeer) -> type[BaseHTTPRequestHandler]:
             )
             return False
 
-        def _reply(self, status: int, body: dict[str, Any] | None) -> None:
+        def _reply(self, status: int, body: dict[str, Any] | list[Any] | None) -> None:
             data = json.dumps(body).encode() if body is not None else b""
             self.send_response(status)
             if body is not None:

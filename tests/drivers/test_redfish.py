@@ -277,6 +277,16 @@ def test_unknown_and_refused_by_the_bmc_is_rejected_with_its_words() -> None:
             _peer_driver(peer).trigger_crash_dump()
 
 
+def test_malformed_resource_is_a_backend_error_that_says_so() -> None:
+    with RedfishPeer(PeerBehaviour(malformed_root=True)) as peer:
+        with pytest.raises(
+            BackendError,
+            match=f"^BMC at {peer.url} sent a malformed Redfish resource: AttributeError: ",
+        ):
+            _peer_driver(peer).trigger_crash_dump()
+        assert peer.resets == []
+
+
 def test_peer_powered_off_gets_no_reset() -> None:
     with RedfishPeer(PeerBehaviour(power_state="Off")) as peer:
         driver = _peer_driver(peer)
