@@ -1,0 +1,173 @@
+"""The same guest and API checked from outside: a kdump guest crashlab did not build.
+
+The guest is made by ``external_guest.sh`` with apt-get, dpkg, cpio and gzip,
+not by ``emulators.guest_image``; its domain is defined here with virsh from
+plain XML, under TCG. crashlab only sees it as a libvirt server registered
+through the admin extension. The owner triggers the crash dump over HTTP, and
+the dump disk must hold a kdump-compressed vmcore of the guest's own kernel.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from emulators.vmcore import extract_vmcore
+from tests.live import LiveServer, fake_cloud_config
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
+
+BUILD_SCRIPT = Path(__file__).with_name("external_guest.sh")
+URI = "qemu:///system"
+UP = re.compile(r"external-guest: up kernel=(\S+) crash_loaded=(\d)")
+DUMP_SAVED = "external-guest: dump saved"
+DUMP_OUTCOME = re.compile(r"external-guest: dump (saved|failed.*)")
+
+DOMAIN_XML = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>768</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{dir}/vmlinuz</kernel>
+    <initrd>{dir}/initrd.img</initrd>
+    <cmdline>console=ttyS0 unknown_nmi_panic crashkernel=256M</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{dir}/dump.img'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path='{dir}/console.log'/>
+      <target port='0'/>
+    </serial>
+  </devices>
+</domain>
+"""
+
+
+@dataclass
+class ExternalGuest:
+    name: str
+    dir: Path
+    kernel_release: str
+
+    @property
+    def console(self) -> str:
+        path = self.dir / "console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := re.search(pattern, self.console):
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} within {timeout} s; console:\n{self.console[-3000:]}")
+
+    def state(self) -> str:
+        return virsh("domstate", self.name).stdout.strip()
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virsh", "-c", URI, *args], capture_output=True, text=True, check=check, timeout=60
+    )
+
+
+@pytest.fixture
+def external_guest() -> Iterator[ExternalGuest]:
+    """Build, define and start the guest; destroy and undefine it afterwards."""
+    # Not tmp_path: QEMU runs as libvirt-qemu and must reach the files.
+    workdir = Path(tempfile.mkdtemp(prefix="crashlab-external-"))
+    workdir.chmod(0o755)
+    name = f"crashlab-external-{secrets.token_hex(4)}"
+    try:
+        subprocess.run(["sh", str(BUILD_SCRIPT), str(workdir)], check=True, timeout=600)
+        subprocess.run(["truncate", "-s", "64M", str(workdir / "dump.img")], check=True)
+        (workdir / "domain.xml").write_text(DOMAIN_XML.format(name=name, dir=workdir))
+        virsh("define", str(workdir / "domain.xml"))
+        virsh("start", name)
+        release = (workdir / "release").read_text().strip()
+        yield ExternalGuest(name, workdir, release)
+    finally:
+        virsh("destroy", name, check=False)
+        virsh("undefine", name, check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_external_guest_dump_through_the_api(
+    external_guest: ExternalGuest, crashlab_server: Callable[..., LiveServer]
+) -> None:
+    guest = external_guest
+    up = guest.wait_for(UP, 180)
+    assert up.group(1) == guest.kernel_release
+    assert up.group(2) == "1", "the guest loaded no crash kernel"
+
+    server = crashlab_server(fake_cloud_config())
+    with server.client("admin") as admin, server.client("alice") as alice:
+        registered = admin.post(
+            "/crashlab/servers",
+            json={
+                "server": {
+                    "name": guest.name,
+                    "project_id": "alice",
+                    "user_id": "alice",
+                    "driver": "libvirt",
+                    "driver_info": {"uri": URI, "domain": guest.name},
+                }
+            },
+        )
+        assert registered.status_code == 201, registered.text
+        server_id = registered.json()["server"]["uuid"]
+        assert alice.get(f"/servers/{server_id}").json()["server"]["status"] == "ACTIVE"
+
+        triggered = alice.post(f"/servers/{server_id}/action", json={"trigger_crash_dump": None})
+        assert triggered.status_code == 202, triggered.text
+        request_id = triggered.headers["x-openstack-request-id"]
+
+        assert wait_for_event(admin, server_id, request_id) == "Success"
+
+    outcome = guest.wait_for(DUMP_OUTCOME, 240)
+    assert outcome.group(0) == DUMP_SAVED, guest.console[-3000:]
+    deadline = time.monotonic() + 60
+    while guest.state() != "shut off":
+        assert time.monotonic() < deadline, "the crash kernel did not power off"
+        time.sleep(0.5)
+
+    vmcore = extract_vmcore(guest.dir / "dump.img", guest.dir / "vmcore")
+    assert vmcore.format == "kdump-compressed"
+    assert vmcore.kernel_release == guest.kernel_release
+    assert vmcore.bytes > 1_000_000
+    assert vmcore.panic_message is not None and "NMI" in vmcore.panic_message
+
+
+def wait_for_event(admin: httpx.Client, server_id: str, request_id: str) -> str | None:
+    """The compute_trigger_crash_dump event's result, read as admin (events need it at 2.17)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = admin.get(f"/servers/{server_id}/os-instance-actions/{request_id}")
+        assert response.status_code == 200, response.text
+        events = response.json()["instanceAction"]["events"]
+        result = next(
+            (e["result"] for e in events if e["event"] == "compute_trigger_crash_dump"), None
+        )
+        if result is not None:
+            return str(result)
+        time.sleep(0.2)
+    return None
