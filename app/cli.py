@@ -97,12 +97,9 @@ def _add_optional_commands(commands: Any) -> None:
         pass
     else:
         add_scenario_parser(commands)
-    try:
-        from scenarios.bench import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(commands)
+    from scenarios.bench import add_bench_parser
+
+    add_bench_parser(commands)
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:

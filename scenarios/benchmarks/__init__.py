@@ -1,0 +1,15 @@
+"""``crashlab bench``: crashlab against the direct tools, side by side, as ratios.
+
+One module per comparison; each runs crashlab and its baseline in the same
+run, repeats them and reports medians and percentiles. No module asserts an
+absolute time: the figures are reported, the targets are judged by the reader.
+
+- ``api_overhead``:   POST -> finished event vs a direct ``injectNMI``
+- ``ipmi_fleet``:     N BMCs at once vs an ``ipmitool`` loop (``ipmi_sim`` BMCs)
+- ``redfish_fleet``:  N Redfish systems at once vs a ``curl`` loop (``redfish_sim``)
+- ``scenario_cost``:  the kdump scenario vs the same guest under bare QEMU
+- ``footprint``:      RSS and start-up time of ``crashlab serve``
+
+``service`` runs the ``crashlab serve`` they all measure; ``fleet`` is what
+the two fleet comparisons share; ``stats`` computes the figures.
+"""

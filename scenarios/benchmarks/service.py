@@ -1,0 +1,326 @@
+"""The ``crashlab serve`` process the benchmarks measure, and the calls they time.
+
+``BenchService`` starts ``crashlab serve`` as a child process on a free
+loopback port with a generated config: one admin user, the NMI storm guard
+off (the benchmarks trigger the same server again and again), state in the
+work directory. Servers are registered through the admin extension, as an
+operator would. Every trigger is timed on the client; the moment an event
+finished is the service's own ``finish_time``, so polling for results adds
+nothing to the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import yaml
+
+from app.identity import hash_password
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ADMIN = "admin"
+MICROVERSION = "compute 2.17"
+CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
+
+
+class BenchError(Exception):
+    """A benchmark could not run or saw a wrong result (lost NMI, failed event)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """One accepted trigger_crash_dump, timed on the client (``time.time()``)."""
+
+    server_id: str
+    request_id: str
+    sent_at: float
+    accepted_at: float
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    """The ``compute_trigger_crash_dump`` event of a trigger, once it has a result."""
+
+    trigger: Trigger
+    result: str
+    details: str | None
+    finished_at: float
+
+    @property
+    def seconds(self) -> float:
+        """From sending the POST to the event finishing in the service."""
+        return self.finished_at - self.trigger.sent_at
+
+
+class BenchService:
+    """One ``crashlab serve`` child process; stopped on exit."""
+
+    def __init__(self, workdir: Path, *, driver_workers: int = 256) -> None:
+        self.workdir = workdir
+        self.driver_workers = driver_workers
+        self.port = _free_port()
+        self.password = secrets.token_urlsafe(12)
+        self.startup_s = 0.0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._http: httpx.Client | None = None
+        self._token = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def __enter__(self) -> BenchService:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the service; ``startup_s`` is the time to its first 200 on ``GET /``."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "crashlab.yaml"
+        config.write_text(yaml.safe_dump(self._config()))
+        log = (self.workdir / "serve.log").open("ab")
+        started = time.monotonic()
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--config",
+                str(config),
+                "--state",
+                str(self.workdir / "state.db"),
+                "--port",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={**os.environ, "CRASHLAB_SECRET_KEY": ""},
+            start_new_session=True,
+        )
+        log.close()
+        while not self._answers():
+            if self._process.poll() is not None:
+                raise BenchError(f"crashlab serve exited: {self.log_tail()}")
+            if time.monotonic() - started > timeout:
+                self.stop()
+                raise BenchError(f"crashlab serve did not answer within {timeout:g} s")
+            time.sleep(0.01)
+        self.startup_s = time.monotonic() - started
+        self._http = httpx.Client(base_url=self.url + "/v2.1", timeout=60.0)
+        self._token = self._authenticate()
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def rss_mb(self) -> float:
+        """Resident set size of the service process, in MiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        raise BenchError("no VmRSS for crashlab serve")
+
+    def log_tail(self, lines: int = 20) -> str:
+        path = self.workdir / "serve.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # The API, as the benchmarks use it
+
+    def register(self, name: str, driver: str, driver_info: dict[str, Any]) -> str:
+        """Register a server in the admin project; returns its uuid."""
+        body = {
+            "server": {
+                "name": name,
+                "project_id": ADMIN,
+                "user_id": ADMIN,
+                "driver": driver,
+                "driver_info": driver_info,
+            }
+        }
+        response = self.http.post("/crashlab/servers", json=body, headers=self._headers())
+        _expect(response, 201)
+        server_id: str = response.json()["server"]["uuid"]
+        return server_id
+
+    def trigger(self, server_id: str) -> Trigger:
+        """One trigger_crash_dump on the keep-alive connection; returns at the 202."""
+        sent_at = time.time()
+        response = self.http.post(
+            f"/servers/{server_id}/action",
+            json={"trigger_crash_dump": None},
+            headers=self._headers(),
+        )
+        accepted_at = time.time()
+        _expect(response, 202)
+        return Trigger(server_id, response.headers["x-openstack-request-id"], sent_at, accepted_at)
+
+    def trigger_all(self, server_ids: list[str]) -> list[Trigger]:
+        """One trigger_crash_dump per server, all sent at once."""
+        return asyncio.run(self._trigger_all(server_ids))
+
+    async def _trigger_all(self, server_ids: list[str]) -> list[Trigger]:
+        limits = httpx.Limits(max_connections=len(server_ids), max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=self.url + "/v2.1", timeout=120.0, limits=limits
+        ) as client:
+
+            async def one(server_id: str) -> Trigger:
+                sent_at = time.time()
+                response = await client.post(
+                    f"/servers/{server_id}/action",
+                    json={"trigger_crash_dump": None},
+                    headers=self._headers(),
+                )
+                _expect(response, 202)
+                request_id = response.headers["x-openstack-request-id"]
+                return Trigger(server_id, request_id, sent_at, time.time())
+
+            return list(await asyncio.gather(*(one(s) for s in server_ids)))
+
+    def event(self, trigger: Trigger) -> FinishedEvent | None:
+        """The trigger's event, or None while it is still running."""
+        path = f"/crashlab/servers/{trigger.server_id}/os-instance-actions/{trigger.request_id}"
+        response = self.http.get(path, headers=self._headers())
+        _expect(response, 200)
+        events = [
+            e for e in response.json()["instanceAction"]["events"] if e["event"] == CRASH_DUMP_EVENT
+        ]
+        if not events or not events[0]["finish_time"]:
+            return None
+        event = events[0]
+        finished = dt.datetime.fromisoformat(event["finish_time"]).replace(tzinfo=dt.UTC)
+        return FinishedEvent(trigger, event["result"], event.get("details"), finished.timestamp())
+
+    def wait_finished(
+        self, triggers: list[Trigger], timeout: float = 120.0, poll: float = 0.005
+    ) -> list[FinishedEvent]:
+        """Wait until every trigger's event has a result; in the order given.
+
+        The first look is after ``poll`` seconds, so the polling GETs do not
+        compete with the dispatch they wait for; the figures come from the
+        service's ``finish_time`` either way.
+        """
+        finished: dict[str, FinishedEvent] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            time.sleep(poll)
+            poll = min(poll * 2, 0.1)
+            for trigger in triggers:
+                if trigger.request_id not in finished:
+                    event = self.event(trigger)
+                    if event is not None:
+                        finished[trigger.request_id] = event
+            if len(finished) == len(triggers):
+                return [finished[t.request_id] for t in triggers]
+            if time.monotonic() > deadline:
+                missing = len(triggers) - len(finished)
+                raise BenchError(f"{missing} crash dump event(s) unfinished after {timeout:g} s")
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            raise BenchError("crashlab serve is not running")
+        return self._http
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Auth-Token": self._token, "OpenStack-API-Version": MICROVERSION}
+
+    def _authenticate(self) -> str:
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": ADMIN,
+                            "password": self.password,
+                            "domain": {"name": "Default"},
+                        }
+                    },
+                },
+                "scope": {"project": {"name": ADMIN, "domain": {"name": "Default"}}},
+            }
+        }
+        response = httpx.post(f"{self.url}/identity/v3/auth/tokens", json=body, timeout=30)
+        _expect(response, 201)
+        return response.headers["X-Subject-Token"]
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(self.url + "/", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "host_name": "bench",
+            "driver_workers": self.driver_workers,
+            "nmi_guard": {"enabled": False},
+            "identity": {
+                "users": [
+                    {
+                        "name": ADMIN,
+                        "password_hash": hash_password(self.password, rounds=4),
+                        "project": ADMIN,
+                        "roles": ["admin"],
+                    }
+                ]
+            },
+        }
+
+
+def _expect(response: httpx.Response, status: int) -> None:
+    if response.status_code != status:
+        raise BenchError(
+            f"{response.request.method} {response.request.url.path} answered "
+            f"{response.status_code}, not {status}: {response.text[:300]}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
