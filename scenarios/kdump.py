@@ -271,7 +271,9 @@ def _read_timings(
     panic_at = _panic_moment(guest, mark, ready) if result.panicked else None
     if panic_at is None:
         return
-    result.seconds.trigger_to_panic = panic_at - triggered_at
+    # The guest clock maps to the host's only to some tens of milliseconds, so a panic
+    # right after the trigger can map to just before it; it cannot have come earlier.
+    result.seconds.trigger_to_panic = max(0.0, panic_at - triggered_at)
     dump = guest.console.find(DUMP_SAVED_MARKER, mark)
     if dump is not None:
         result.seconds.panic_to_dump = dump[1] - panic_at
