@@ -8,6 +8,8 @@
   event is ``Error`` with the BMC's address in its details, no event is left
   running, the API answers throughout, and once the emulator is back the
   server is usable again (past the storm guard, as the NMI may have gone out).
+  The same holds for a slow peer BMC killed right after the 202, while it
+  sits on the trigger's request: it counts the NMIs it gets, and got none.
 
 Wrong BMC passwords, for both drivers, are covered through the REST API in
 tests/drivers/test_ipmi.py and tests/drivers/test_redfish.py.
@@ -20,6 +22,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,7 +32,7 @@ import pytest
 
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
-from tests.drivers.conftest import bmc_cloud
+from tests.drivers.conftest import IPMIPeers, bmc_cloud
 from tests.live import LiveServer
 from tests.reliability.cloud import assert_fault, config_server_id, trigger
 
@@ -259,3 +262,43 @@ def _events_now(
         path = f"/crashlab/servers/{config_server_id(name)}/os-instance-actions/{request_id}"
         events += client.get(path).json()["instanceAction"]["events"]
     return events
+
+
+def test_slow_bmc_killed_right_after_the_202_is_an_error_and_got_no_nmi(
+    ipmi_peers: Callable[..., IPMIPeers], crashlab_server: Callable[..., LiveServer]
+) -> None:
+    peers = ipmi_peers(["on", "on"], latency=1.0)  # each command answers after 1s
+    doomed, bystander = peers.ports
+    [doomed_pid, _] = peers.pids()
+    info: dict[str, object] = {"address": "127.0.0.1", "username": peers.username}
+    info |= {"password": peers.password, "timeout": TIMEOUT}
+    cloud = crashlab_server(
+        bmc_cloud(
+            {
+                "doomed": ("ipmi", info | {"port": doomed}),
+                "bystander": ("ipmi", info | {"port": bystander}),
+            }
+        )
+    )
+    token = cloud.token("alice")
+    [(request_id, _)] = _trigger_all(cloud, token, ["doomed"]).values()
+    os.kill(doomed_pid, signal.SIGKILL)  # the dispatched call is under way: 1s per command
+    killed = time.monotonic()
+    with cloud.client("alice") as alice:
+        answered = time.monotonic()
+        alice.get("/servers").raise_for_status()
+        answered = time.monotonic() - answered
+        [(other, _)] = _trigger_all(cloud, token, ["bystander"]).values()
+        event = _finished_event(alice, "doomed", request_id, timeout=2 * TIMEOUT)
+        failed_after = time.monotonic() - killed
+        other_event = _finished_event(alice, "bystander", other, timeout=2 * TIMEOUT)
+    print(
+        f"\nError {failed_after:.2f}s after the kill: {event['details']}; "
+        f"the API answered in {answered:.3f}s; the other BMC: {other_event['result']}"
+    )
+    assert answered < 1
+    assert event["result"] == "Error" and failed_after <= TIMEOUT + 1
+    assert event["details"].startswith(f"no answer from BMC at 127.0.0.1:{doomed}")
+    assert other_event["result"] == "Success"
+    assert _running_events(cloud) == 0
+    assert peers.nmis() == Counter([bystander])
