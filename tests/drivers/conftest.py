@@ -31,29 +31,19 @@ from emulators.guest_image import ImageVariant, build_image
 from emulators.process import EmulatorProcess
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
+from tests.domains import BLANK_DOMAIN_XML
+from tests.domains import URI as LIBVIRT_URI
 from tests.drivers import ipmi_peer
 from tests.live import LiveServer, fake_cloud_config
 
 # libvirt prints every error to stderr; the tests look at the exceptions.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-LIBVIRT_URI = "qemu:///system"
 BLANK_PREFIX = "crashlab-bmctest-"
 NMI_LOGGED = "NMI received for unknown reason"
 NMI_PANIC = "Kernel panic - not syncing: NMI"
 # Peer BMC processes started at once (each start is mostly a Python import).
 _PEER_STARTERS = 4
-
-BLANK_DOMAIN_XML = """
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices><memballoon model='none'/></devices>
-</domain>
-"""
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from tests.domains import PREFIX, remove, start_blank
+
 # The BMC emulator fixtures, shared with tests/drivers.
 from tests.drivers.conftest import ipmi_peers, sushy_emulator, vbmcs  # noqa: F401
 from tests.live import LiveServer, start_server
-from tests.reliability.domains import PREFIX, remove, start_blank
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.domains import URI, connect, remove, start_blank
 from tests.live import LiveServer
 from tests.reliability.cloud import (
     assert_fault,
@@ -35,7 +36,6 @@ from tests.reliability.cloud import (
     trigger,
     wait_for_action,
 )
-from tests.reliability.domains import URI, connect, remove, start_blank
 
 pytestmark = pytest.mark.libvirt
 

@@ -2,8 +2,9 @@
 
 A blank domain has no OS (SeaBIOS finds nothing to boot and waits), which is
 enough for libvirt to report it running and accept an NMI, and for the BMC
-emulators to act on it. Connections are never kept: tests/reliability
-restarts libvirtd, which drops every open connection.
+emulators to act on it. Shared by tests/drivers and tests/reliability. These
+helpers keep no connection: tests/reliability restarts libvirtd, which drops
+every open connection.
 """
 
 from __future__ import annotations
