@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,8 @@ def add_bench_parser(commands: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the service, simulators and guests are stopped.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     plan = QUICK if args.quick else FULL
     progress = Progress(quiet=args.quiet)
     sections = tuple(args.only or SECTIONS)
