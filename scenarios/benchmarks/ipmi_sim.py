@@ -23,54 +23,22 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from emulators.process import EmulatorProcess, announce_ready, hold_lifeline
-from scenarios.benchmarks.counter import NMICounter
+from emulators.process import announce_ready, hold_lifeline
+from scenarios.benchmarks.simulator import SimulatedFleet
 
 USERNAME = "admin"
 PASSWORD = "password"
 ADDRESS = "127.0.0.1"
 
 
-class IPMIFleet:
+class IPMIFleet(SimulatedFleet):
     """``count`` counting BMCs in child processes; all stopped on exit."""
 
-    def __init__(self, workdir: Path, count: int) -> None:
-        self.root = workdir / "ipmi-sim"
-        self.count = count
-        self.nmis = NMICounter(self.root / "nmi.log")
-        self.ports: list[int] = []
-        self._process: EmulatorProcess | None = None
-
-    def __enter__(self) -> IPMIFleet:
-        self.root.mkdir(parents=True, exist_ok=True)
-        ports_file = self.root / "ports.json"
-        self._process = EmulatorProcess(
-            "ipmi simulator",
-            [
-                sys.executable,
-                "-m",
-                "scenarios.benchmarks.ipmi_sim",
-                str(self.count),
-                str(self.nmis.path),
-                str(ports_file),
-            ],
-            env=dict(os.environ),
-            log_path=self.root / "sim.log",
-        )
-        self._process.start(timeout=120)
-        self.ports = json.loads(ports_file.read_text())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    kind = "ipmi"
+    module = "scenarios.benchmarks.ipmi_sim"
+    start_timeout = 120
 
     def driver_info(self, port: int) -> dict[str, Any]:
         """crashlab's ``ipmi`` driver settings for the BMC on ``port``."""
@@ -94,12 +62,6 @@ class IPMIFleet:
             "power",
             "diag",
         ]
-
-    def close(self) -> None:
-        """Stop the simulator; its process group takes every BMC with it."""
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
 
 
 def _serve(count: int, nmi_log: Path, ports_file: Path) -> None:

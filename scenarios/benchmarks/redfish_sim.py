@@ -25,14 +25,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from emulators.process import EmulatorProcess, announce_ready, hold_lifeline
-from scenarios.benchmarks.counter import NMICounter
+from emulators.process import announce_ready, hold_lifeline
+from scenarios.benchmarks.simulator import SimulatedFleet
 
 USERNAME = "admin"
 PASSWORD = "password"
@@ -43,43 +41,12 @@ RESET_PATH = f"{SYSTEM_PATH}/Actions/ComputerSystem.Reset"
 RESET_TYPES = ["On", "ForceOff", "GracefulShutdown", "GracefulRestart", "ForceRestart", "Nmi"]
 
 
-class RedfishFleet:
+class RedfishFleet(SimulatedFleet):
     """``count`` counting Redfish BMCs in one child process; stopped on exit."""
 
-    def __init__(self, workdir: Path, count: int) -> None:
-        self.root = workdir / "redfish-sim"
-        self.count = count
-        self.nmis = NMICounter(self.root / "nmi.log")
-        self.ports: list[int] = []
-        self._process: EmulatorProcess | None = None
-
-    def __enter__(self) -> RedfishFleet:
-        self.root.mkdir(parents=True, exist_ok=True)
-        ports_file = self.root / "ports.json"
-        self._process = EmulatorProcess(
-            "redfish simulator",
-            [
-                sys.executable,
-                "-m",
-                "scenarios.benchmarks.redfish_sim",
-                str(self.count),
-                str(self.nmis.path),
-                str(ports_file),
-            ],
-            env=dict(os.environ),
-            log_path=self.root / "sim.log",
-        )
-        self._process.start(timeout=60)
-        self.ports = json.loads(ports_file.read_text())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    kind = "redfish"
+    module = "scenarios.benchmarks.redfish_sim"
+    start_timeout = 60
 
     def driver_info(self, port: int) -> dict[str, Any]:
         """crashlab's ``redfish`` driver settings for the BMC on ``port``."""
@@ -99,11 +66,6 @@ class RedfishFleet:
             "--data", '{"ResetType": "Nmi"}',
             f"http://{ADDRESS}:{port}{RESET_PATH}",
         ]  # fmt: skip
-
-    def close(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
 
 
 class _BMC:
