@@ -22,6 +22,7 @@ import pytest
 from pyghmi.ipmi.private import constants as ipmi_constants
 from pyghmi.ipmi.private import session as ipmi_session
 
+from drivers import ipmi as ipmi_driver
 from drivers.base import (
     BackendAuthFailed,
     BackendRejected,
@@ -98,6 +99,28 @@ def test_pyghmi_still_has_the_private_names_the_workaround_uses() -> None:
     assert ipmi_constants.ipmi_completion_codes[0xC0] == "Node Busy"
     for name in ("_got_rmcp_response", "_relog", "login"):
         assert name in vars(NegotiatingSession), f"NegotiatingSession no longer overrides {name}"
+
+
+def test_pyghmi_still_has_the_private_names_the_lost_wakeup_fix_uses() -> None:
+    """drivers/ipmi.py replaces ``_io_wait``; a pyghmi that reworks its I/O loop must fail here."""
+    assert ipmi_session._io_wait is ipmi_driver._io_wait
+    assert list(inspect.signature(ipmi_driver._io_wait).parameters) == ["timeout", "myaddr", "evq"]
+    for name in ("ioqueue", "sessionqueue", "selectdeadline", "iosockets", "myself"):
+        assert hasattr(ipmi_session, name), f"pyghmi no longer has session.{name}"
+    assert callable(ipmi_session._monotonic_time)
+    assert isinstance(ipmi_session.Session.bmc_handlers, dict)
+    # Callers reach the replacement through the module global, with these arguments.
+    assert "_io_wait(timeout)" in inspect.getsource(ipmi_session._poller)
+    assert "_io_wait(timeout, self.sockaddr)" in inspect.getsource(
+        ipmi_session.Session.awaitresponse
+    )
+    # The I/O thread files answers in these queues, and takes (deadline, event, address).
+    graball = inspect.getsource(ipmi_session._io_graball)
+    assert "relsession.pktqueue.append(rdata)" in graball
+    assert "sessionqueue.append(relsession)" in graball
+    worker = inspect.getsource(ipmi_session.define_worker)
+    assert "workitem = ioqueue.popleft()" in worker
+    assert "if workitem[2] is None and sockaddrs:" in worker
 
 
 def test_stock_pyghmi_session_cannot_log_in_to_virtualbmc(
@@ -324,6 +347,27 @@ def test_a_dead_bmc_does_not_hold_up_the_others(ipmi_peers: Callable[..., IPMIPe
     assert slowest_live < 3
     assert 4 <= finished[dead][0] < 4.5
     assert peers.nmis() == Counter(peers.ports)
+
+
+STALL = 0.4  # seconds; pyghmi's retry timer, which ends a lost wakeup, is 0.5 s at least
+
+
+def test_no_call_waits_for_pyghmi_retry_timer(ipmi_peers: Callable[..., IPMIPeers]) -> None:
+    """Every answer wakes its caller at once (see "Lost wakeups" in drivers/ipmi.py).
+
+    With pyghmi's own ``_io_wait``, 10-30 % of these reads took 0.5-1.8 s here.
+    """
+    peers = ipmi_peers(["on"] * 20)
+    drivers = [_peer(peers, port) for port in peers.ports]
+    one_by_one = [_timed(d.get_power_state) for _ in range(3) for d in drivers]
+    with ThreadPoolExecutor(len(drivers)) as pool:
+        at_once = [
+            t for _ in range(3) for t in pool.map(lambda d: _timed(d.get_power_state), drivers)
+        ]
+    for name, times in (("one by one", one_by_one), ("20 at once", at_once)):
+        ms = sorted(round(t * 1000) for t in times)
+        print(f"\n{name}: {len(ms)} reads, median {ms[len(ms) // 2]} ms, slowest {ms[-5:]} ms")
+    assert max(one_by_one + at_once) < STALL
 
 
 # -- end to end --------------------------------------------------------------------------
