@@ -27,7 +27,8 @@ The kdump variant carries the kernel and a second, smaller initramfs (the same
 ``makedumpfile -F -c -d 31`` to the raw dump disk ``/dev/vda``, then powers off.
 
 Images are cached under ``$CRASHLAB_CACHE/images/<variant>-<digest>/``
-(default ``<repo>/.cache/crashlab``); the digest covers every input, so an image
+(default ``<repo>/.cache/crashlab``, or ``/var/cache/crashlab`` when QEMU
+cannot reach the checkout: see ``cache_root``); the digest covers every input, so an image
 is rebuilt only when one of them changes.
 """
 
@@ -41,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -135,11 +137,30 @@ class ImageInputs:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Where the guest files go when the checkout is out of QEMU's reach (below).
+SHARED_CACHE = Path("/var/cache/crashlab")
+
+
 def cache_root() -> Path:
-    """``$CRASHLAB_CACHE``, or ``.cache/crashlab`` at the top of the repository."""
+    """``$CRASHLAB_CACHE``, else ``.cache/crashlab`` at the top of the repository.
+
+    Under qemu:///system QEMU runs as its own user (libvirt-qemu), which must
+    reach the kernel, initrd and disks through every parent directory. A
+    checkout below a private directory (``mktemp -d`` makes them 0700) is out
+    of its reach; the cache then lives in ``SHARED_CACHE``, whose images are
+    keyed by their inputs' digest and so safe to share between checkouts.
+    """
     if env := os.environ.get("CRASHLAB_CACHE"):
         return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache" / "crashlab"
+    repo = Path(__file__).resolve().parent.parent
+    if _others_can_enter(repo):
+        return repo / ".cache" / "crashlab"
+    return SHARED_CACHE
+
+
+def _others_can_enter(directory: Path) -> bool:
+    """Whether a user other than the owner can traverse ``directory`` and its parents."""
+    return all(d.stat().st_mode & stat.S_IXOTH for d in (directory, *directory.parents))
 
 
 def kernel_cmdline(variant: ImageVariant, extra: str = "") -> str:
