@@ -216,11 +216,29 @@ class _Call:
         self.deadline = time.monotonic() + timeout
         self.session: NegotiatingSession | None = None
         self.abandoned = False
+        # Only the pulse's re-send is withdrawn: clearing a login's payload
+        # would leave its session logging forever, handed to every later call.
+        self.pulse_sent = False
 
     def give_up_if_abandoned(self) -> None:
         """Stop a call its caller no longer waits for: it must not act late."""
         if self.abandoned or time.monotonic() > self.deadline:
             raise BackendUnreachable("the caller stopped waiting")
+
+
+# When pyghmi may re-send the pulse: this long after the caller's deadline.
+_RESEND_AFTER_DEADLINE = 1.0
+
+
+def _withdraw_resend(session: NegotiatingSession | None) -> None:
+    """Leave pyghmi nothing to re-send for a call its caller abandoned.
+
+    pyghmi's retry timer re-sends ``lastpayload``, if any (``Session._timedout``),
+    and a re-login re-sends ``onlogpayload``.
+    """
+    if session is not None:
+        session.lastpayload = None
+        session.onlogpayload = None
 
 
 _current_call = threading.local()
@@ -257,9 +275,18 @@ class IPMIDriver(Driver):
     def _pulse_diag(self, session: NegotiatingSession) -> None:
         if not self._chassis_power_on(session):
             raise ServerPoweredOff("server is powered off")
-        _current_call.value.give_up_if_abandoned()
+        call: _Call = _current_call.value
+        call.give_up_if_abandoned()
+        call.pulse_sent = True
+        # Sent once. pyghmi re-sends a command still unanswered after 0.5-1 s,
+        # and a BMC that executes both pulses twice: a second NMI can interrupt
+        # the kdump the first one started. The only re-send is now due after the
+        # caller's deadline, and an abandoned call withdraws it (_withdraw_resend).
         response = session.raw_command(
-            netfn=NETFN_CHASSIS, command=CMD_CHASSIS_CONTROL, data=[PULSE_DIAGNOSTIC_INTERRUPT]
+            netfn=NETFN_CHASSIS,
+            command=CMD_CHASSIS_CONTROL,
+            data=[PULSE_DIAGNOSTIC_INTERRUPT],
+            timeout=max(call.deadline - time.monotonic(), 0) + _RESEND_AFTER_DEADLINE,
         )
         self._check(response, "chassis control (pulse diagnostic interrupt)")
 
@@ -299,6 +326,8 @@ class IPMIDriver(Driver):
         threading.Thread(target=run, name=f"ipmi {self.bmc}", daemon=True).start()
         if not done.wait(self.settings.timeout):
             call.abandoned = True
+            if call.pulse_sent:
+                _withdraw_resend(call.session)
             raise self._timed_out(call, doing)
         ok, value = outcome[0]
         if ok:
