@@ -85,20 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     action_show.add_argument("request_id")
     action_show.set_defaults(handler=_action_show)
 
-    _add_optional_commands(commands)
+    _add_scenario_commands(commands)
     return parser
 
 
-def _add_optional_commands(commands: Any) -> None:
-    """Scenario and benchmark commands live with their own code."""
-    try:
-        from scenarios.cli import add_scenario_parser
-    except ImportError:
-        pass
-    else:
-        add_scenario_parser(commands)
+def _add_scenario_commands(commands: Any) -> None:
+    """Scenario and benchmark commands live with their own code, imported here only."""
     from scenarios.bench import add_bench_parser
+    from scenarios.cli import add_scenario_parser
 
+    add_scenario_parser(commands)
     add_bench_parser(commands)
 
 

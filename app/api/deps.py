@@ -29,7 +29,7 @@ async def context(request: Request) -> Context:
     token = request.app.state.tokens.validate(request.headers.get("x-auth-token"))
     if token is None:
         raise Unauthorized()
-    compute: ComputeService = request.app.state.service
+    compute = await service(request)
     return Context(
         credentials=token.credentials,
         is_admin=compute.policy.is_admin(token.credentials),
