@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     image_build.set_defaults(handler=_image_build)
 
+    doctor = commands.add_parser("doctor", help="check that this host can run crashlab's guests")
+    doctor.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+    doctor.set_defaults(handler=_doctor)
+
     matrix = commands.add_parser("support-matrix", help="print what each driver supports")
     matrix.set_defaults(handler=_support_matrix)
 
@@ -145,6 +149,14 @@ def _image_build(args: argparse.Namespace) -> int:
         image = build_image(variant)
         print(f"{image.variant.value}: {image.kernel_release} {image.initrd.parent}")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from emulators.doctor import failed, render_table, run_checks, to_json
+
+    results = run_checks()
+    print(to_json(results) if args.json else render_table(results))
+    return 1 if failed(results) else 0
 
 
 def _support_matrix(_args: argparse.Namespace) -> int:

@@ -10,10 +10,14 @@ cached per host (kernel, QEMU version, CPU flags) in ``$CRASHLAB_CACHE/accel.jso
 from __future__ import annotations
 
 import enum
+import grp
 import hashlib
 import json
 import os
 import platform
+import pwd
+import re
+import stat
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +29,10 @@ if TYPE_CHECKING:
 
 # A KVM guest reaches /init in about a second; TCG takes about six.
 PROBE_TIMEOUT = 20.0
+KVM_DEVICE = Path("/dev/kvm")
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# Debian's libvirt runs QEMU as this user (member of group kvm) unless qemu.conf says otherwise.
+DEFAULT_QEMU_USER = "libvirt-qemu"
 
 
 class Accel(enum.StrEnum):
@@ -60,7 +68,67 @@ def detect_accel(image: GuestImage, uri: str) -> Accel:
 
 
 def kvm_device_usable() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+    """Whether QEMU, run by libvirt as its own user, can open ``/dev/kvm`` read-write."""
+    return kvm_access_problem() is None
+
+
+def kvm_access_problem() -> str | None:
+    """Why QEMU's user cannot open ``/dev/kvm``, or None when it can."""
+    try:
+        node = KVM_DEVICE.stat()
+    except OSError:
+        return f"there is no {KVM_DEVICE}"
+    user = qemu_user()
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return f"QEMU's user {user!r} does not exist"
+    groups = set(os.getgrouplist(user, account.pw_gid))
+    if account.pw_uid == 0 or _grants_rw(node, account.pw_uid, groups):
+        return None
+    return (
+        f"QEMU's user {user} cannot open {KVM_DEVICE} "
+        f"({stat.filemode(node.st_mode)} {_owner(node)})"
+    )
+
+
+def qemu_user() -> str:
+    """The ``user`` libvirt's qemu.conf runs QEMU as."""
+    try:
+        text = QEMU_CONF.read_text()
+    except OSError:
+        return DEFAULT_QEMU_USER
+    found = re.search(r'^\s*user\s*=\s*"([^"]+)"', text, re.M)
+    return found.group(1) if found else DEFAULT_QEMU_USER
+
+
+def _grants_rw(node: os.stat_result, uid: int, groups: set[int]) -> bool:
+    mode = node.st_mode
+    if node.st_uid == uid:
+        return mode & stat.S_IRUSR != 0 and mode & stat.S_IWUSR != 0
+    if node.st_gid in groups:
+        return mode & stat.S_IRGRP != 0 and mode & stat.S_IWGRP != 0
+    return mode & stat.S_IROTH != 0 and mode & stat.S_IWOTH != 0
+
+
+def _owner(node: os.stat_result) -> str:
+    try:
+        user = pwd.getpwuid(node.st_uid).pw_name
+    except KeyError:
+        user = str(node.st_uid)
+    try:
+        group = grp.getgrgid(node.st_gid).gr_name
+    except KeyError:
+        group = str(node.st_gid)
+    return f"{user}:{group}"
+
+
+def cached_verdict(uri: str) -> Accel | None:
+    """The probe's verdict for this host, if a probe has run; ``$CRASHLAB_ACCEL`` wins."""
+    if forced := os.environ.get("CRASHLAB_ACCEL"):
+        return Accel(forced)
+    verdict = _read_json(cache_root() / "accel.json").get(host_fingerprint(uri))
+    return Accel(verdict) if verdict else None
 
 
 def probe_kvm(image: GuestImage, uri: str) -> bool:

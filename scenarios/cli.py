@@ -1,9 +1,13 @@
 """``crashlab scenario kdump`` and ``crashlab scenario all``.
 
+Before booting anything, both run ``crashlab doctor``'s cheap checks and stop
+with its table when one fails: a host that would re-probe QEMU on every define
+fails here in seconds, not minutes later with a driver timeout.
+
 Exit codes: 0 when every run gave the verdict its variant expects, 1 when one
-did not, 130 when interrupted (guests, emulators and the service are cleaned
-up first). With ``--json`` the report on stdout is JSON; progress always goes
-to stderr.
+did not or the host is not ready, 130 when interrupted (guests, emulators and
+the service are cleaned up first). With ``--json`` the report on stdout is
+JSON; progress always goes to stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from emulators.doctor import CHEAP_CHECKS, failed, render_table, run_checks
 from emulators.guest_image import ImageVariant
 from scenarios.api import FAKE_CLOUD_ADMIN, FAKE_CLOUD_USER, Account, ScenarioAPI
 from scenarios.kdump import run_kdump_scenario
@@ -84,7 +89,18 @@ def _progress(args: argparse.Namespace) -> Progress:
     return Progress(quiet=args.quiet, echo_console=args.console)
 
 
+def _host_ready() -> bool:
+    results = run_checks(CHEAP_CHECKS)
+    if failed(results):
+        print(render_table(results), file=sys.stderr)
+        print("crashlab: this host is not ready; nothing was booted", file=sys.stderr)
+        return False
+    return True
+
+
 def _kdump(args: argparse.Namespace) -> int:
+    if not _host_ready():
+        return 1
     try:
         result = run_kdump_scenario(
             args.via, args.variant, api=_api(args), output=args.output, progress=_progress(args)
@@ -97,6 +113,8 @@ def _kdump(args: argparse.Namespace) -> int:
 
 
 def _all(args: argparse.Namespace) -> int:
+    if not _host_ready():
+        return 1
     try:
         results = run_matrix(api=_api(args), output=args.output, progress=_progress(args))
     except KeyboardInterrupt:
