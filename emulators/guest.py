@@ -10,6 +10,7 @@ Failures, all subclasses of ``GuestError``::
 
     GuestError
      ├── GuestStartFailed   libvirt refused to define or start the domain
+     │    └── LibvirtTooSlow  libvirt took longer than LIBVIRT_CALL_SECONDS to do it
      └── GuestTimeout       a console pattern did not appear in time
           └── GuestStopped  the domain stopped before the pattern appeared
 """
@@ -24,6 +25,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import libvirt
 
@@ -34,6 +36,10 @@ DEFAULT_URI = "qemu:///system"
 MEMORY_MIB = 768
 DUMP_DISK_MIB = 64
 POLL_SECONDS = 0.1
+# A define or start takes tens of milliseconds on a ready host; past this, say why.
+LIBVIRT_CALL_SECONDS = 10.0
+
+T = TypeVar("T")
 
 # libvirt prints every error to stderr by default; crashlab raises or ignores them itself.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -50,6 +56,18 @@ class GuestError(Exception):
 
 class GuestStartFailed(GuestError):
     pass
+
+
+class LibvirtTooSlow(GuestStartFailed):
+    """A libvirt call finished, but far too late: the host is not ready (``crashlab doctor``)."""
+
+    def __init__(self, call: str, subject: str, seconds: float) -> None:
+        super().__init__(
+            f"libvirt {call} of {subject} took {seconds:.1f}s (bound {LIBVIRT_CALL_SECONDS:.0f}s); "
+            "libvirt is slow on this host: run crashlab doctor"
+        )
+        self.call = call
+        self.seconds = seconds
 
 
 class GuestTimeout(GuestError):
@@ -199,12 +217,21 @@ class Guest:
         with self.dump_disk.open("wb") as disk:
             disk.truncate(self.dump_disk_mib * 1024 * 1024)
         try:
-            domain = self.conn.defineXML(self.domain_xml())
+            domain = self._bounded("defineXML", lambda: self.conn.defineXML(self.domain_xml()))
             self.uuid = domain.UUIDString()
             self.started_at = time.monotonic()
-            domain.create()
+            self._bounded("create", domain.create)
         except libvirt.libvirtError as exc:
             raise GuestStartFailed(f"cannot start {self.name}: {exc}") from exc
+
+    def _bounded(self, call: str, run: Callable[[], T]) -> T:
+        """Run a libvirt call; one that took longer than its bound fails, naming itself."""
+        started = time.monotonic()
+        result = run()
+        seconds = time.monotonic() - started
+        if seconds > LIBVIRT_CALL_SECONDS:
+            raise LibvirtTooSlow(call, self.name, seconds)
+        return result
 
     def domain_xml(self) -> str:
         """The domain definition. No ``<graphics>``: libvirt 9.0 rejects type='none'."""

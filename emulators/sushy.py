@@ -14,6 +14,13 @@ see as a ComputerSystem whose id is the domain's libvirt UUID::
 HTTP 500, not 404, for a system outside that list (its ``api_utils`` shadows its
 ``error`` module), and it matches UUIDs only, so domain names are refused too.
 
+Before the BMC is handed out, every system it serves is *warmed*: sushy-tools
+answers the first ``GET /redfish/v1/Systems/<id>`` through ``get_versions``
+and ``get_bios``, which ``defineXML`` the domain to store default version and
+BIOS metadata. That first GET is only as fast as libvirt's define (30 ms on a
+ready host, 30-100 s on one that re-probes QEMU, see ``emulators/doctor.py``),
+so crashlab pays it here, bounded, and not inside the first trigger.
+
 Basic auth uses ``SUSHY_EMULATOR_AUTH_FILE``: an Apache htpasswd file in which
 sushy-tools accepts only bcrypt digests (``$2b$``). Everything lives under
 ``workdir/sushy``, including sushy-tools' state database, which would otherwise
@@ -27,6 +34,7 @@ import ipaddress
 import os
 import secrets
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +51,12 @@ from emulators.process import EmulatorProcess, EmulatorStartError, free_port, ho
 
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 _START_ATTEMPTS = 5
+# The Redfish driver's default timeout: a warm-up slower than this would have failed a trigger.
+WARM_UP_SECONDS = 10.0
+
+
+class SushyWarmUpError(EmulatorStartError):
+    """The first GET of a system (a libvirt define inside sushy-tools) was too slow or failed."""
 
 
 class SushyEmulator:
@@ -81,11 +95,17 @@ class SushyEmulator:
             self._write_config()
             try:
                 self.start()
-                return self
             except EmulatorStartError:
                 # Most likely the port was taken between choosing and binding.
                 if attempt == _START_ATTEMPTS - 1:
                     raise
+                continue
+            try:
+                self.warm_up()
+            except BaseException:
+                self.stop()
+                raise
+            return self
         raise AssertionError("unreachable")
 
     def __exit__(
@@ -148,6 +168,34 @@ class SushyEmulator:
     def log(self) -> str:
         path = self.root / "emulator.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def warm_up(self) -> dict[str, float]:
+        """GET every system served once, so sushy-tools writes its metadata now; seconds each."""
+        seconds = {}
+        with httpx.Client(
+            base_url=self.url, auth=(self.username, self.password), verify=False,
+            timeout=WARM_UP_SECONDS,
+        ) as client:  # fmt: skip
+            for path in self._system_paths(client):
+                started = time.monotonic()
+                try:
+                    client.get(path).raise_for_status()
+                except httpx.TimeoutException:
+                    raise SushyWarmUpError(
+                        f"sushy-tools did not answer its first GET {path} within "
+                        f"{WARM_UP_SECONDS:.0f}s: it defines the domain through libvirt, "
+                        "and libvirt's define is slow here; run crashlab doctor"
+                    ) from None
+                except httpx.HTTPError as exc:
+                    raise SushyWarmUpError(f"sushy-tools' first GET {path} failed: {exc}") from exc
+                seconds[path] = time.monotonic() - started
+        return seconds
+
+    def _system_paths(self, client: httpx.Client) -> list[str]:
+        if self.domains is not None:
+            return [self.system_path(name) for name in self.domains]
+        members = client.get("/redfish/v1/Systems").raise_for_status().json()["Members"]
+        return [member["@odata.id"] for member in members]
 
     def _answers(self) -> bool:
         try:

@@ -44,6 +44,7 @@ from tests.live import LiveServer
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
 
+SUSHY_METADATA = "http://openstack.org/xmlns/libvirt/sushy"
 RESET_LOGGED = "POST /redfish/v1/Systems/{}/Actions/ComputerSystem.Reset"
 
 
@@ -68,6 +69,11 @@ def _peer_driver(peer: RedfishPeer, **overrides: object) -> RedfishDriver:
 
 def _resets_logged(emulator: SushyEmulator, domain: str) -> int:
     return emulator.log().count(RESET_LOGGED.format(emulator.system_id(domain)))
+
+
+def _persistent_xml(conn: libvirt.virConnect, name: str) -> str:
+    xml: str = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    return xml
 
 
 # -- against sushy-tools in front of libvirt domains -----------------------------------
@@ -97,6 +103,23 @@ def test_nmi_reaches_the_guest_exactly_once(
     time.sleep(1.0)
     assert console_count(nmi_logging_guest, NMI_LOGGED) == before + 1
     assert _resets_logged(emulator, nmi_logging_guest.name) == 1
+
+
+def test_the_first_trigger_does_not_pay_for_sushy_tools_first_get(
+    sushy_emulator: Callable[..., SushyEmulator],
+    blank_domain: Callable[..., str],
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    """sushy-tools' first GET of a system defines the domain; the emulator pays it at start."""
+    name = blank_domain()
+    assert SUSHY_METADATA not in _persistent_xml(libvirt_conn, name)
+    emulator = sushy_emulator(domains=[name])
+    assert SUSHY_METADATA in _persistent_xml(libvirt_conn, name), "warmed before use"
+    driver = _driver(emulator, system_id=emulator.system_id(name))
+    started = time.monotonic()
+    driver.trigger_crash_dump()
+    assert time.monotonic() - started < 2.0
+    assert _resets_logged(emulator, name) == 1
 
 
 @pytest.mark.parametrize("form", ["uuid", "path", "domain name", "only system"])
