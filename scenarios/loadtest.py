@@ -66,6 +66,7 @@ class Sample:
     status: int  # 0: no HTTP answer
     request_id: str
     seconds: float
+    error: str = ""  # with status 0: what the client saw instead, e.g. "ReadTimeout: ..."
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Report:
     statuses: dict[int, int]
     server_errors: int
     no_answer: int
+    no_answer_errors: list[str]
     seconds: float
     requests_per_second: float
     latency_ms: dict[str, float]
@@ -267,9 +269,12 @@ async def load(
                 )
                 status = response.status_code
                 request_id = response.headers.get("x-openstack-request-id", "")
-            except httpx.HTTPError:
-                status, request_id = 0, ""
-            samples.append(Sample(target, status, request_id, time.perf_counter() - started))
+            except httpx.HTTPError as exc:
+                status, request_id, error = 0, "", f"{type(exc).__name__}: {exc}"
+            else:
+                error = ""
+            elapsed = time.perf_counter() - started
+            samples.append(Sample(target, status, request_id, elapsed, error))
 
     async with httpx.AsyncClient(
         base_url=f"{url}/v2.1", headers=headers, limits=limits, timeout=60
@@ -360,6 +365,7 @@ def run(requests: int, clients: int, servers: int, workdir: Path) -> Report:
         statuses=dict(statuses),
         server_errors=sum(n for status, n in statuses.items() if status >= 500),
         no_answer=statuses.get(0, 0),
+        no_answer_errors=[f"{s.error} after {s.seconds:.2f}s" for s in samples if s.status == 0],
         seconds=round(seconds, 3),
         requests_per_second=round(requests / seconds, 1),
         latency_ms={
