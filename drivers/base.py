@@ -34,14 +34,18 @@ class DriverError(Exception):
     """Base of every failure a driver reports. ``str()`` is the event detail.
 
     ``nmi_not_sent`` is True on errors raised before anything reached the
-    backend's NMI call, so a retry cannot interrupt a dump in progress.
+    backend's NMI call, so a retry cannot interrupt a dump in progress. A class
+    sets its default; a driver that knows better (a timeout before the NMI was
+    sent) sets it on the error.
     """
 
-    nmi_not_sent: ClassVar[bool] = False
+    nmi_not_sent: bool = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, nmi_not_sent: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if nmi_not_sent is not None:
+            self.nmi_not_sent = nmi_not_sent
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"

@@ -55,11 +55,35 @@ looks again: an answer that came in before the event was queued is in
 ``sessionqueue`` (undirected waits) or in the BMC's session's ``pktqueue``
 (directed waits), and the caller returns at once; the event queued for nothing
 is set later by the I/O thread and dropped. Any answer arriving after the
-event was queued wakes it, as before. Rejected: capping the wait (a busy poll
-that starves the machine with hundreds of BMCs) and replacing pyghmi's I/O
-thread (far more private code). It is a patch of a module-level pyghmi function,
-the only one here; tests/drivers/test_ipmi.py pins the names it relies on and
+event was queued wakes it, as before.
+
+Any thread in pyghmi's loop (``wait_for_rsp``, run by every login) processes
+every session's packets, so an answer may be taken from ``pktqueue`` and handled
+by another caller's thread while its own caller queues its event: nothing wakes
+that caller until its retry timer, which for the pulse is after the deadline (a
+third of the pulses at 200 BMCs ended "no answer" although the NMI arrived).
+Directed waiters are therefore also registered by BMC address, and
+``NegotiatingSession.process_pktqueue`` wakes them once it has handled a packet,
+whichever thread ran it; a waiter also returns at once if its session already
+holds the answer. Rejected: capping the wait (a busy poll that starves the
+machine with hundreds of BMCs) and replacing pyghmi's I/O thread (far more
+private code). tests/drivers/test_ipmi.py pins the names it relies on and
 measures the stalls against real pyghmi BMCs.
+
+One lock for pyghmi's session tables
+------------------------------------
+pyghmi 1.6 guards its retry table and its keepalive table with two module
+locks and takes them in both orders: ``send_payload`` holds
+``KEEPALIVE_SESSIONS`` and ``_xmit_packet`` then takes ``WAITING_SESSIONS``;
+``awaitresponse`` and ``wait_for_rsp`` hold ``WAITING_SESSIONS`` and a due retry
+(``_timedout``) then sends, taking ``KEEPALIVE_SESSIONS``. pyghmi's own model is
+one thread (or greenthreads); with the service's driver threads, one thread
+re-sending while another sends deadlocks both, and then every thread that
+touches either table, for good: 200 BMCs at once did it in the first round (4
+runs out of 4), every later call of that ``crashlab serve`` ended "no answer",
+and the owners of the two locks were those two stacks. The two names are made
+one ``RLock``, so no order exists to invert; the cost is contention between
+two short critical sections. This is the cause of issue 11.
 
 Threads and time
 ----------------
@@ -68,12 +92,25 @@ different BMCs proceed in parallel. Each call runs in its own daemon thread and
 the caller waits at most ``timeout`` seconds, whatever pyghmi's own retry timers
 do; a dead BMC costs only the calls made to it. Calls to one BMC are serialized
 (pyghmi allows one command in flight per session), and each call logs in and
-out, so no session outlives it and a restarted BMC needs nothing special.
+out, so no session outlives it and a restarted BMC needs nothing special. A
+call its caller abandoned is released at once (``_release``): its logged-in
+session loses its payload and its timer, so its thread logs out and the next
+call to that BMC logs in afresh instead of waiting for pyghmi's timers. A call
+that gives up logs its steps (when each began) and its session's state.
+
+Errors and the NMI
+------------------
+Every error raised before the pulse went out (login, the status read, the
+wait for the BMC's lock) says ``nmi_not_sent``, so the storm guard does not
+hold the server. Only a pulse whose answer did not come back may have sent
+the NMI. The caller's giving up and the pulse's start are decided under one
+lock (``_Call``), so a pulse never goes out after the caller said "not sent".
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +134,7 @@ from drivers.base import (
 )
 
 T = TypeVar("T")
+LOG = logging.getLogger(__name__)
 
 NETFN_CHASSIS = 0x00
 CMD_GET_CHASSIS_STATUS = 0x01
@@ -173,6 +211,12 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
             and data[_INTEGRITY_ALGORITHM] == _HMAC_SHA1_96
         )
 
+    def process_pktqueue(self) -> None:
+        # Any thread in pyghmi's loop may process this session's answer; its
+        # caller must wake then, not at its retry timer or deadline.
+        super().process_pktqueue()
+        _wake_answer_waiters(self.sockaddr)
+
     def _relog(self) -> Any:
         if time.monotonic() > self.login_deadline:
             self.onlogon({"error": "login did not complete before the deadline"})
@@ -189,56 +233,126 @@ def _io_wait(timeout: float, myaddr: Any = None, evq: Any = None) -> None:
     if evq is not None:
         evq.append(wakeup)
     deadline = ipmi_session._monotonic_time() + timeout
+    if myaddr is not None:
+        _answer_waiters.setdefault(myaddr, set()).add(wakeup)
     ipmi_session.ioqueue.append((deadline, wakeup, myaddr))
-    if _answer_arrived(myaddr):
-        return  # the I/O thread sets the queued event later; nobody waits on it
-    if deadline < ipmi_session.selectdeadline:
-        poke = ipmi_session.iosockets[0]
-        poke.sendto(b"\x01", (ipmi_session.myself, poke.getsockname()[1]))
-    wakeup.wait()
+    try:
+        if _answer_arrived(myaddr):
+            return  # the I/O thread sets the queued event later; nobody waits on it
+        if deadline < ipmi_session.selectdeadline:
+            poke = ipmi_session.iosockets[0]
+            poke.sendto(b"\x01", (ipmi_session.myself, poke.getsockname()[1]))
+        wakeup.wait()
+    finally:
+        if myaddr is not None:
+            _answer_waiters.get(myaddr, set()).discard(wakeup)
+
+
+# Callers waiting for an answer from a BMC (its address), woken once any thread
+# has processed a packet from it (NegotiatingSession.process_pktqueue).
+_answer_waiters: dict[Any, set[threading.Event]] = {}
+
+
+def _wake_answer_waiters(bmc: Any) -> None:
+    for wakeup in list(_answer_waiters.get(bmc, ())):
+        wakeup.set()
 
 
 def _answer_arrived(bmc: Any) -> bool:
-    """Whether a packet is queued for any session (``bmc`` None), or one from ``bmc`` is in."""
+    """Whether a packet is queued for any session (``bmc`` None), or one from ``bmc`` is
+    queued or already answered its caller's command."""
     if bmc is None:
         return bool(ipmi_session.sessionqueue)
-    sessions = ipmi_session.Session.bmc_handlers.get(bmc, {})
-    return any(s.pktqueue for s in list(sessions.values()))
+    sessions = list(ipmi_session.Session.bmc_handlers.get(bmc, {}).values())
+    return any(
+        s.pktqueue or (getattr(s, "awaitingresponse", False) and s.lastresponse is not None)
+        for s in sessions
+    )
 
 
 ipmi_session._io_wait = _io_wait
+ipmi_session.KEEPALIVE_SESSIONS = ipmi_session.WAITING_SESSIONS
 
 
 class _Call:
-    """One driver call running in its own thread, with a deadline."""
+    """One driver call running in its own thread, with a deadline.
+
+    ``phases`` records when each step began (seconds into the call), so a call
+    that gives up logs where it was.
+    """
 
     def __init__(self, timeout: float) -> None:
-        self.deadline = time.monotonic() + timeout
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
         self.session: NegotiatingSession | None = None
+        self.phases: list[tuple[str, float]] = []
+        # Guards the hand-off below: the caller gives up, or the pulse goes out.
+        self._lock = threading.Lock()
         self.abandoned = False
         # Only the pulse's re-send is withdrawn: clearing a login's payload
         # would leave its session logging forever, handed to every later call.
         self.pulse_sent = False
 
+    def enter(self, phase: str) -> None:
+        self.phases.append((phase, round(time.monotonic() - self.started, 3)))
+
     def give_up_if_abandoned(self) -> None:
         """Stop a call its caller no longer waits for: it must not act late."""
         if self.abandoned or time.monotonic() > self.deadline:
-            raise BackendUnreachable("the caller stopped waiting")
+            raise BackendUnreachable("the caller stopped waiting", nmi_not_sent=True)
+
+    def start_pulse(self) -> None:
+        """Mark the pulse as sent, unless the caller already gave up."""
+        with self._lock:
+            self.give_up_if_abandoned()
+            self.pulse_sent = True
+
+    def abandon(self) -> bool:
+        """The caller stops waiting; returns whether the pulse may have gone out."""
+        with self._lock:
+            self.abandoned = True
+            return self.pulse_sent
 
 
 # When pyghmi may re-send the pulse: this long after the caller's deadline.
 _RESEND_AFTER_DEADLINE = 1.0
 
 
-def _withdraw_resend(session: NegotiatingSession | None) -> None:
-    """Leave pyghmi nothing to re-send for a call its caller abandoned.
+def _release(session: NegotiatingSession | None, pulse_sent: bool) -> None:
+    """Let a call its caller abandoned end now, so the next call gets the BMC.
 
     pyghmi's retry timer re-sends ``lastpayload``, if any (``Session._timedout``),
-    and a re-login re-sends ``onlogpayload``.
+    and a re-login re-sends ``onlogpayload``. Once a logged-in session has
+    neither and its timer is due, its waiting thread stops, logs out and frees
+    the BMC's lock. A session still logging in keeps its payload (its login
+    ends at the call's deadline: ``NegotiatingSession._relog``).
     """
-    if session is not None:
-        session.lastpayload = None
-        session.onlogpayload = None
+    if session is None or not (pulse_sent or (session.logged and not session.logging)):
+        return
+    session.lastpayload = None
+    session.onlogpayload = None
+    session.expiration = ipmi_session._monotonic_time()
+    _wake_answer_waiters(session.sockaddr)
+
+
+def _session_state(session: NegotiatingSession | None) -> dict[str, Any]:
+    """What a call's pyghmi session was doing, for the log line of a call that gave up."""
+    if session is None:
+        return {}
+    now = ipmi_session._monotonic_time()
+    return {
+        "context": session.sessioncontext,
+        "logged": bool(session.logged),
+        "logging": session.logging,
+        "broken": session.broken,
+        "seqlun": session.seqlun,
+        "sequence": session.sequencenumber,
+        "awaiting": session.awaitingresponse,
+        "answered": session.lastresponse is not None,
+        "resend_pending": session.lastpayload is not None,
+        "retry_in": round(getattr(session, "expiration", now) - now, 2),
+        "queued": len(session.pktqueue),
+    }
 
 
 _current_call = threading.local()
@@ -276,12 +390,12 @@ class IPMIDriver(Driver):
         if not self._chassis_power_on(session):
             raise ServerPoweredOff("server is powered off")
         call: _Call = _current_call.value
-        call.give_up_if_abandoned()
-        call.pulse_sent = True
+        call.enter("pulse")
+        call.start_pulse()
         # Sent once. pyghmi re-sends a command still unanswered after 0.5-1 s,
         # and a BMC that executes both pulses twice: a second NMI can interrupt
         # the kdump the first one started. The only re-send is now due after the
-        # caller's deadline, and an abandoned call withdraws it (_withdraw_resend).
+        # caller's deadline, and an abandoned call withdraws it (_release).
         response = session.raw_command(
             netfn=NETFN_CHASSIS,
             command=CMD_CHASSIS_CONTROL,
@@ -291,6 +405,7 @@ class IPMIDriver(Driver):
         self._check(response, "chassis control (pulse diagnostic interrupt)")
 
     def _chassis_power_on(self, session: NegotiatingSession) -> bool:
+        _current_call.value.enter("chassis status")
         response = session.raw_command(netfn=NETFN_CHASSIS, command=CMD_GET_CHASSIS_STATUS)
         self._check(response, "get chassis status")
         if not response.get("data"):
@@ -325,19 +440,32 @@ class IPMIDriver(Driver):
 
         threading.Thread(target=run, name=f"ipmi {self.bmc}", daemon=True).start()
         if not done.wait(self.settings.timeout):
-            call.abandoned = True
-            if call.pulse_sent:
-                _withdraw_resend(call.session)
-            raise self._timed_out(call, doing)
+            pulse_sent = call.abandon()
+            _release(call.session, pulse_sent)
+            LOG.warning(
+                "IPMI call to BMC at %s gave up after %gs (%s): steps %s, session %s",
+                self.bmc,
+                self.settings.timeout,
+                doing,
+                call.phases,
+                _session_state(call.session),
+            )
+            raise self._timed_out(call, doing, nmi_not_sent=not pulse_sent)
         ok, value = outcome[0]
         if ok:
             return value  # type: ignore[no-any-return]
+        if isinstance(value, DriverError) and not call.pulse_sent:
+            value.nmi_not_sent = True
         raise value
 
     def _with_session(self, operation: Callable[[NegotiatingSession], T]) -> T:
+        call: _Call = _current_call.value
+        call.enter("waiting for the BMC's lock")
         with _bmc_lock(self.settings.address, self.settings.port):
-            _current_call.value.give_up_if_abandoned()
+            call.give_up_if_abandoned()
+            call.enter("login")
             session = self._login()
+            call.session = session
             try:
                 return operation(session)
             except DriverError:
@@ -383,7 +511,7 @@ class IPMIDriver(Driver):
             return BackendError(f"IPMI login to BMC at {self.bmc} failed: {reason}")
         return BackendUnreachable(f"no answer from BMC at {self.bmc} during login")
 
-    def _timed_out(self, call: _Call, doing: str) -> DriverError:
+    def _timed_out(self, call: _Call, doing: str, *, nmi_not_sent: bool) -> DriverError:
         t = self.settings.timeout
         session = call.session
         if session is not None and session.open_session_accepted and not session.logged:
@@ -393,4 +521,6 @@ class IPMIDriver(Driver):
                 f"BMC at {self.bmc} did not complete the login of user "
                 f"{self.settings.username!r} within {t:g}s; the user name is probably unknown"
             )
-        return BackendUnreachable(f"no answer from BMC at {self.bmc} within {t:g}s ({doing})")
+        return BackendUnreachable(
+            f"no answer from BMC at {self.bmc} within {t:g}s ({doing})", nmi_not_sent=nmi_not_sent
+        )

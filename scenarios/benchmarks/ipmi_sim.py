@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ def _serve(count: int, nmi_log: Path, ports_file: Path) -> None:
     hold_lifeline()
     from pyghmi.ipmi import bmc  # imported once, shared by the forked children
 
+    repair_server_sessions()
+
     ports = []
     for _ in range(count):
         reader, writer = os.pipe()
@@ -89,6 +92,25 @@ def _serve(count: int, nmi_log: Path, ports_file: Path) -> None:
     announce_ready()
     while True:
         os.wait()
+
+
+def repair_server_sessions() -> None:
+    """Give pyghmi 1.6's server session the ``sessionless_data`` it lacks.
+
+    A client that logs in again from the same address makes the old server
+    session drop its routing entry on the first packet; a second packet already
+    queued for that session (a re-send under load) is then sessionless, and
+    pyghmi calls ``sessionless_data`` on the session, which has none: the
+    AttributeError ends the BMC's loop (45 of 200 BMCs died so in one run).
+    The BMC handles such a packet instead, as it would have without the session.
+    """
+    from pyghmi.ipmi.private import serversession
+
+    def sessionless_data(session: Any, data: bytes, sockaddr: Any) -> None:
+        session.bmc.sessionless_data(data, sockaddr)
+
+    if not hasattr(serversession.ServerSession, "sessionless_data"):
+        serversession.ServerSession.sessionless_data = sessionless_data
 
 
 def _serve_one(base: type[Any], nmi_log: Path, report: int) -> None:
@@ -115,6 +137,9 @@ def _serve_one(base: type[Any], nmi_log: Path, report: int) -> None:
     os.close(report)
     try:
         server.listen(timeout=float(os.environ.get("SIM_LISTEN", "1")))
+    except BaseException:
+        traceback.print_exc()  # os._exit would drop it: a BMC must not die silently
+        sys.stderr.flush()
     finally:
         os._exit(1)
 

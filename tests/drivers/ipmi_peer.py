@@ -13,6 +13,10 @@ Kinds:
 - ``off``: powered off; a diagnostic interrupt is logged the same way (and
   must never arrive).
 - ``nodiag``: powered on, ``pulse_diag`` not implemented: pyghmi answers 0xCC.
+- ``mute-status``: as ``on``, but never answers Get Chassis Status (the read
+  before the pulse), so no NMI can be sent.
+- ``mute-first-diag``: as ``on``, but the answer to its first pulse is lost:
+  the NMI is logged, nothing is sent back; later pulses are answered.
 
 Every request other than the login answers after LATENCY seconds, without
 blocking the others, as BMCs on a real network do; this is what makes "N at
@@ -30,6 +34,7 @@ from typing import Any
 from pyghmi.ipmi import bmc
 
 from emulators.process import announce_ready, hold_lifeline
+from scenarios.benchmarks.ipmi_sim import repair_server_sessions
 
 USERNAME = "admin"
 PASSWORD = "peer-password"
@@ -61,6 +66,24 @@ class CountingBmc(PeerBmc):
         return 0
 
 
+class MutedBmc(CountingBmc):
+    """Drops the answer to ``mute_status`` reads and to the first ``mute_diags`` pulses."""
+
+    def __init__(self, nmi_log: Path, latency: float, *, status: bool, diags: int) -> None:
+        super().__init__("on", nmi_log, latency)
+        self.mute_status = status
+        self.mute_diags = diags
+
+    def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
+        if request["netfn"] == 0 and request["command"] == 1 and self.mute_status:
+            return
+        if request["netfn"] == 0 and request["command"] == 2 and self.mute_diags:
+            self.mute_diags -= 1
+            self.pulse_diag()
+            return
+        super().handle_raw_request(request, session)
+
+
 class NoDiagBmc(PeerBmc):
     """pyghmi's default ``pulse_diag`` raises NotImplementedError: completion code 0xCC."""
 
@@ -70,6 +93,10 @@ def _make(kind: str, nmi_log: Path, latency: float) -> PeerBmc:
         return CountingBmc("on", nmi_log, latency)
     if kind == "off":
         return CountingBmc("off", nmi_log, latency)
+    if kind == "mute-status":
+        return MutedBmc(nmi_log, latency, status=True, diags=0)
+    if kind == "mute-first-diag":
+        return MutedBmc(nmi_log, latency, status=False, diags=1)
     if kind == "nodiag":
         return NoDiagBmc("on", nmi_log, latency)
     raise SystemExit(f"unknown BMC kind {kind!r}")
@@ -77,6 +104,7 @@ def _make(kind: str, nmi_log: Path, latency: float) -> PeerBmc:
 
 def main(argv: list[str]) -> None:
     hold_lifeline()
+    repair_server_sessions()
     ports_file, nmi_log, latency, *kinds = argv
     bmcs = [_make(kind, Path(nmi_log), float(latency)) for kind in kinds]
     Path(ports_file).write_text(json.dumps([b.port for b in bmcs]))

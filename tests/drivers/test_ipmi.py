@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import libvirt
@@ -36,6 +37,7 @@ from emulators.guest import Guest
 from emulators.guest_image import ImageVariant, build_image
 from emulators.process import free_port
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
+from scenarios.benchmarks.ipmi_sim import IPMIFleet
 from tests.drivers.conftest import (
     NMI_LOGGED,
     NMI_PANIC,
@@ -514,3 +516,84 @@ def test_a_fleet_of_bmcs_is_triggered_through_the_api_in_parallel(
     )
     assert peers.nmis() == Counter(peers.ports)
     assert wall < API_FLEET * one / 4
+
+
+# -- many threads against pyghmi's shared session machinery (issue 11) ---------------------
+
+FLEET_ROUNDS = 3
+SIMULATED_FLEET = 200  # the bench's largest fleet; 100 did not deadlock on this 2-core machine
+
+
+def test_pyghmi_still_nests_its_two_session_locks_both_ways() -> None:
+    """Why drivers/ipmi.py makes them one lock: a pyghmi that stops nesting them may drop it."""
+    send = inspect.getsource(ipmi_session.Session.send_payload)
+    assert "with util.protect(KEEPALIVE_SESSIONS):" in send  # ... then _xmit_packet:
+    assert "with util.protect(WAITING_SESSIONS):" in inspect.getsource(
+        ipmi_session.Session._xmit_packet
+    )
+    wait = inspect.getsource(ipmi_session.Session.awaitresponse)
+    assert "with util.protect(WAITING_SESSIONS):" in wait and "self._timedout()" in wait
+    assert ipmi_session.KEEPALIVE_SESSIONS is ipmi_session.WAITING_SESSIONS
+
+
+def test_rounds_of_a_large_fleet_at_once_deliver_every_nmi(tmp_path: Path) -> None:
+    """Issue 11: a power read then a trigger on every BMC at once, round after round, as
+    crashlab serve does. pyghmi's two session locks deadlocked here in the first round
+    (0 NMIs, then every call failed); later, answers processed by another thread and
+    simulated BMCs that crashed lost more. Each round: no error, one NMI per BMC."""
+    with IPMIFleet(tmp_path, SIMULATED_FLEET) as fleet:
+        drivers = [
+            IPMIDriver(f"bm-{port}", IPMIDriver.parse_settings(fleet.driver_info(port)))
+            for port in fleet.ports
+        ]
+
+        def both(driver: IPMIDriver) -> list[str]:
+            errors = []
+            for call in (driver.get_power_state, driver.trigger_crash_dump):
+                try:
+                    call()
+                except DriverError as exc:
+                    errors.append(repr(exc))
+            return errors
+
+        with ThreadPoolExecutor(256) as pool:
+            for round_ in range(1, FLEET_ROUNDS + 1):
+                started = time.monotonic()
+                errors = [e for found in pool.map(both, drivers) for e in found]
+                seconds = time.monotonic() - started
+                time.sleep(0.3)  # a late duplicate would show
+                nmis = fleet.nmis.read()
+                print(
+                    f"\nround {round_}: {seconds:.2f}s, {len(errors)} errors, {nmis.total()} NMIs"
+                )
+                assert errors == [], f"round {round_}: {len(errors)} errors, first {errors[:2]}"
+                assert nmis == Counter({str(port): 1 for port in fleet.ports})
+
+
+def test_a_lost_status_answer_is_an_error_that_sent_no_nmi(
+    ipmi_peers: Callable[..., IPMIPeers],
+) -> None:
+    peers = ipmi_peers(["mute-status"])
+    with pytest.raises(BackendUnreachable, match="no answer from BMC") as failure:
+        _peer(peers, peers.ports[0], timeout=2).trigger_crash_dump()
+    assert failure.value.nmi_not_sent
+    assert peers.nmis() == Counter()
+
+
+def test_a_lost_pulse_answer_may_have_sent_the_nmi_and_the_next_call_is_clean(
+    ipmi_peers: Callable[..., IPMIPeers],
+) -> None:
+    """The first pulse's answer is dropped; the BMC answers again at once. The abandoned
+    call lets go of the BMC, so the next one starts a fresh session well within its time."""
+    peers = ipmi_peers(["mute-first-diag"])
+    [port] = peers.ports
+    driver = _peer(peers, port, timeout=2)
+    with pytest.raises(BackendUnreachable, match=r"sending the diagnostic interrupt") as failure:
+        driver.trigger_crash_dump()
+    assert not failure.value.nmi_not_sent
+    assert peers.nmis() == Counter({port: 1})
+    seconds = [_timed(driver.trigger_crash_dump) for _ in range(3)]
+    print(f"\nafter the lost answer: {[round(s, 2) for s in seconds]} s")
+    assert max(seconds) < 0.5  # not held up by the abandoned call
+    time.sleep(1.0)  # no late re-send of the first pulse
+    assert peers.nmis() == Counter({port: 4})
