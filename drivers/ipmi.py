@@ -83,7 +83,7 @@ touches either table, for good: 200 BMCs at once did it in the first round (4
 runs out of 4), every later call of that ``crashlab serve`` ended "no answer",
 and the owners of the two locks were those two stacks. The two names are made
 one ``RLock``, so no order exists to invert; the cost is contention between
-two short critical sections. This is the cause of issue 11.
+two short critical sections.
 
 Threads and time
 ----------------

@@ -37,6 +37,7 @@ from emulators.process import (
     free_port,
     hold_lifeline,
 )
+from emulators.pyghmi_server import repair_server_sessions
 
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 _SECTION = "VirtualBMC"  # virtualbmc.manager.DEFAULT_SECTION
@@ -190,6 +191,7 @@ class VirtualBMCs:
 def _serve(config_path: str) -> None:
     """Child process: run one VirtualBMC from a per-domain config until killed."""
     hold_lifeline()
+    repair_server_sessions()  # virtualbmc serves IPMI with pyghmi's BMC server
     from virtualbmc.vbmc import VirtualBMC
 
     config = configparser.ConfigParser()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from emulators.process import announce_ready, hold_lifeline
+from emulators.pyghmi_server import repair_server_sessions
 from scenarios.benchmarks.simulator import SimulatedFleet
 
 USERNAME = "admin"
@@ -92,25 +93,6 @@ def _serve(count: int, nmi_log: Path, ports_file: Path) -> None:
     announce_ready()
     while True:
         os.wait()
-
-
-def repair_server_sessions() -> None:
-    """Give pyghmi 1.6's server session the ``sessionless_data`` it lacks.
-
-    A client that logs in again from the same address makes the old server
-    session drop its routing entry on the first packet; a second packet already
-    queued for that session (a re-send under load) is then sessionless, and
-    pyghmi calls ``sessionless_data`` on the session, which has none: the
-    AttributeError ends the BMC's loop (45 of 200 BMCs died so in one run).
-    The BMC handles such a packet instead, as it would have without the session.
-    """
-    from pyghmi.ipmi.private import serversession
-
-    def sessionless_data(session: Any, data: bytes, sockaddr: Any) -> None:
-        session.bmc.sessionless_data(data, sockaddr)
-
-    if not hasattr(serversession.ServerSession, "sessionless_data"):
-        serversession.ServerSession.sessionless_data = sessionless_data
 
 
 def _serve_one(base: type[Any], nmi_log: Path, report: int) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from pyghmi.ipmi import bmc
 
 from emulators.process import announce_ready, hold_lifeline
-from scenarios.benchmarks.ipmi_sim import repair_server_sessions
+from emulators.pyghmi_server import repair_server_sessions
 
 USERNAME = "admin"
 PASSWORD = "peer-password"

@@ -518,7 +518,7 @@ def test_a_fleet_of_bmcs_is_triggered_through_the_api_in_parallel(
     assert wall < API_FLEET * one / 4
 
 
-# -- many threads against pyghmi's shared session machinery (issue 11) ---------------------
+# -- many threads against pyghmi's shared session machinery ---------------------------------
 
 FLEET_ROUNDS = 3
 SIMULATED_FLEET = 200  # the bench's largest fleet; 100 did not deadlock on this 2-core machine
@@ -537,7 +537,7 @@ def test_pyghmi_still_nests_its_two_session_locks_both_ways() -> None:
 
 
 def test_rounds_of_a_large_fleet_at_once_deliver_every_nmi(tmp_path: Path) -> None:
-    """Issue 11: a power read then a trigger on every BMC at once, round after round, as
+    """A power read then a trigger on every BMC at once, round after round, as
     crashlab serve does. pyghmi's two session locks deadlocked here in the first round
     (0 NMIs, then every call failed); later, answers processed by another thread and
     simulated BMCs that crashed lost more. Each round: no error, one NMI per BMC."""
