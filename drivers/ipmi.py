@@ -314,6 +314,13 @@ class _Call:
             return self.pulse_sent
 
 
+# How a call's step reads in an error: where a call that gave up before the pulse stopped.
+_STEP_TEXT = {
+    "waiting for the BMC's lock": "waiting for an earlier call to this BMC",
+    "login": "the login",
+    "chassis status": "the power status read",
+}
+
 # When pyghmi may re-send the pulse: this long after the caller's deadline.
 _RESEND_AFTER_DEADLINE = 1.0
 
@@ -521,6 +528,10 @@ class IPMIDriver(Driver):
                 f"BMC at {self.bmc} did not complete the login of user "
                 f"{self.settings.username!r} within {t:g}s; the user name is probably unknown"
             )
+        step = call.phases[-1][0] if call.phases else "pulse"
+        where = (
+            doing if step == "pulse" else f"{doing}; stopped at {_STEP_TEXT[step]}, nothing sent"
+        )
         return BackendUnreachable(
-            f"no answer from BMC at {self.bmc} within {t:g}s ({doing})", nmi_not_sent=nmi_not_sent
+            f"no answer from BMC at {self.bmc} within {t:g}s ({where})", nmi_not_sent=nmi_not_sent
         )

@@ -576,6 +576,7 @@ def test_a_lost_status_answer_is_an_error_that_sent_no_nmi(
     peers = ipmi_peers(["mute-status"])
     with pytest.raises(BackendUnreachable, match="no answer from BMC") as failure:
         _peer(peers, peers.ports[0], timeout=2).trigger_crash_dump()
+    assert "stopped at the power status read, nothing sent" in failure.value.message
     assert failure.value.nmi_not_sent
     assert peers.nmis() == Counter()
 
