@@ -34,12 +34,11 @@ from drivers.base import (
 )
 from drivers.ipmi import IPMIDriver, IPMISettings, NegotiatingSession
 from emulators.guest import Guest
-from emulators.guest_image import ImageVariant, build_image
+from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.process import free_port
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
 from scenarios.benchmarks.ipmi_sim import IPMIFleet
 from tests.drivers.conftest import (
-    NMI_LOGGED,
     NMI_PANIC,
     IPMIPeers,
     bmc_cloud,
