@@ -8,7 +8,7 @@ failed event); a missed target is reported in ``targets``, not an error.
 
 ``--quick`` is the reduced run for smoke tests: fleets of at most 50, 2 IPMI
 rounds of 50 per service, the API overhead against libvirt's
-``test:///default``, no kdump scenario.
+``test:///default``, no guests behind virtualbmc, no kdump scenario.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scenarios.benchmarks import api_overhead, footprint, ipmi_fleet, redfish_fleet, scenario_cost
+from scenarios.benchmarks import (
+    api_overhead,
+    footprint,
+    ipmi_fleet,
+    redfish_fleet,
+    scenario_cost,
+    vbmc_guests,
+)
 from scenarios.benchmarks.service import BenchError, BenchService
 from scenarios.progress import Progress
 
@@ -36,6 +43,7 @@ SECTIONS = (
     "ipmi_fleet",
     "redfish_fleet",
     "ipmi_rounds",
+    "vbmc_rounds",
     "scenario",
     "footprint",
 )
@@ -54,6 +62,7 @@ class Plan:
     guest: bool
     rounds: int  # IPMI rounds per service, each of ``rounds_n`` BMCs at once
     rounds_n: int
+    vbmc_rounds: int  # rounds of vbmc_guests.GUESTS guests behind virtualbmc
 
 
 FULL = Plan(
@@ -66,6 +75,7 @@ FULL = Plan(
     guest=True,
     rounds=10,
     rounds_n=200,
+    vbmc_rounds=3,
 )
 QUICK = Plan(
     "quick",
@@ -77,6 +87,7 @@ QUICK = Plan(
     guest=False,
     rounds=2,
     rounds_n=50,
+    vbmc_rounds=0,
 )
 
 
@@ -157,6 +168,15 @@ def run_bench(
                 ),
             )
             errors += _wrong_rounds("ipmi_rounds", report["ipmi_rounds"])
+        if "vbmc_rounds" in sections and plan.vbmc_rounds:
+            report["vbmc_rounds"] = measure(
+                "vbmc_rounds",
+                f"virtualbmc rounds, {plan.vbmc_rounds} x {vbmc_guests.GUESTS} booted guests",
+                lambda: vbmc_guests.run(
+                    service, vbmc_guests.GUESTS, plan.vbmc_rounds, workdir / "vbmc_rounds"
+                ),
+            )
+            errors += _wrong_rounds("vbmc_rounds", report["vbmc_rounds"])
         loaded_rss_mb = service.rss_mb()
     if "footprint" in sections:
         started = measure(
@@ -210,10 +230,11 @@ def _load_description(report: dict[str, Any]) -> str:
         triggers += report["api_overhead"]["samples"] + api_overhead.WARMUP
     for name in ("ipmi_fleet", "redfish_fleet"):
         triggers += sum(e["n"] * e["rounds"] for e in report[name] or [])
-    if report["ipmi_rounds"]:
-        long_running = report["ipmi_rounds"]["long_running"]
-        triggers += long_running["n"] * len(long_running["rounds"])
-    return f"after {triggers} trigger_crash_dump calls (API overhead, fleets, IPMI rounds)"
+    for name in ("ipmi_rounds", "vbmc_rounds"):
+        if report[name]:
+            long_running = report[name]["long_running"]
+            triggers += long_running["n"] * len(long_running["rounds"])
+    return f"after {triggers} trigger_crash_dump calls (API overhead, fleets, rounds)"
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -237,12 +258,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 entry["ratio"] >= 20 and entry["exact"] and entry["nmis_received"] == 200,
                 f"{entry['ratio']}x, {entry['nmis_received']} NMIs, exact={entry['exact']}",
             ))  # fmt: skip
-    for serve, result in (report["ipmi_rounds"] or {}).items():
-        found.append(_target(
-            f"IPMI rounds ({serve.replace('_', '-')} service): 0 errors, one NMI per BMC per round",
-            result["exact"] and result["errors"] == 0,
-            f"{len(result['rounds'])} rounds of {result['n']}, {result['errors']} errors",
-        ))  # fmt: skip
+    for name, what in (("ipmi_rounds", "IPMI rounds"), ("vbmc_rounds", "virtualbmc rounds")):
+        for serve, result in (report[name] or {}).items():
+            found.append(_target(
+                f"{what} ({serve.replace('_', '-')} service): 0 errors, one NMI per BMC per round",
+                result["exact"] and result["errors"] == 0,
+                f"{len(result['rounds'])} rounds of {result['n']}, {result['errors']} errors",
+            ))  # fmt: skip
     scenario = report["scenario"]
     if scenario:
         found.append(_target(
@@ -290,6 +312,7 @@ def render(report: dict[str, Any]) -> str:
             ("ipmi_fleet", lambda e: _render_fleet("IPMI fleet", "ipmitool", "ipmitool_s", e)),
             ("redfish_fleet", lambda e: _render_fleet("Redfish fleet", "curl", "curl_s", e)),
             ("ipmi_rounds", lambda r: _render_rounds("IPMI rounds (simulated BMCs)", r)),
+            ("vbmc_rounds", lambda r: _render_rounds("virtualbmc rounds (NMIs on consoles)", r)),
             ("scenario", _render_scenario),
             ("footprint", _render_footprint),
         )
