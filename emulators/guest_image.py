@@ -137,6 +137,9 @@ class ImageInputs:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# What the ``nmi-ignored`` kernel writes on its console for each NMI it survives.
+NMI_LOGGED = "NMI received for unknown reason"
+
 # Where the guest files go when the checkout is out of QEMU's reach (below).
 SHARED_CACHE = Path("/var/cache/crashlab")
 

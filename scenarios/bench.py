@@ -6,8 +6,9 @@ object. Times are reported, never asserted. The exit code is 1 only when a
 comparison could not run or saw a wrong result (an NMI lost or duplicated, a
 failed event); a missed target is reported in ``targets``, not an error.
 
-``--quick`` is the reduced run for smoke tests: fleets of at most 50, the API
-overhead against libvirt's ``test:///default``, no kdump scenario.
+``--quick`` is the reduced run for smoke tests: fleets of at most 50, 2 IPMI
+rounds of 50 per service, the API overhead against libvirt's
+``test:///default``, no guests behind virtualbmc, no kdump scenario.
 """
 
 from __future__ import annotations
@@ -26,11 +27,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scenarios.benchmarks import api_overhead, footprint, ipmi_fleet, redfish_fleet, scenario_cost
+from scenarios.benchmarks import (
+    api_overhead,
+    footprint,
+    ipmi_fleet,
+    redfish_fleet,
+    scenario_cost,
+    vbmc_guests,
+)
 from scenarios.benchmarks.service import BenchError, BenchService
 from scenarios.progress import Progress
 
-SECTIONS = ("api_overhead", "ipmi_fleet", "redfish_fleet", "scenario", "footprint")
+SECTIONS = (
+    "api_overhead",
+    "ipmi_fleet",
+    "redfish_fleet",
+    "ipmi_rounds",
+    "vbmc_rounds",
+    "scenario",
+    "footprint",
+)
 
 
 @dataclass(frozen=True)
@@ -44,13 +60,34 @@ class Plan:
     starts: int
     scenario_repeats: int
     guest: bool
+    rounds: int  # IPMI rounds per service, each of ``rounds_n`` BMCs at once
+    rounds_n: int
+    vbmc_rounds: int  # rounds of vbmc_guests.GUESTS guests behind virtualbmc
 
 
 FULL = Plan(
-    "full", samples=200, sizes=(10, 50, 200), repeats=3, starts=3, scenario_repeats=3, guest=True
+    "full",
+    samples=200,
+    sizes=(10, 50, 200),
+    repeats=3,
+    starts=3,
+    scenario_repeats=3,
+    guest=True,
+    rounds=10,
+    rounds_n=200,
+    vbmc_rounds=3,
 )
 QUICK = Plan(
-    "quick", samples=50, sizes=(10, 50), repeats=1, starts=1, scenario_repeats=0, guest=False
+    "quick",
+    samples=50,
+    sizes=(10, 50),
+    repeats=1,
+    starts=1,
+    scenario_repeats=0,
+    guest=False,
+    rounds=2,
+    rounds_n=50,
+    vbmc_rounds=0,
 )
 
 
@@ -122,6 +159,24 @@ def run_bench(
                     ),
                 )
                 errors += _wrong_deliveries(name, report[name])
+        if "ipmi_rounds" in sections:
+            report["ipmi_rounds"] = measure(
+                "ipmi_rounds",
+                f"IPMI rounds, {plan.rounds} x {plan.rounds_n} BMCs here, then in a fresh service",
+                lambda: ipmi_fleet.run_rounds(
+                    service, plan.rounds_n, plan.rounds, workdir / "ipmi_rounds"
+                ),
+            )
+            errors += _wrong_rounds("ipmi_rounds", report["ipmi_rounds"])
+        if "vbmc_rounds" in sections and plan.vbmc_rounds:
+            report["vbmc_rounds"] = measure(
+                "vbmc_rounds",
+                f"virtualbmc rounds, {plan.vbmc_rounds} x {vbmc_guests.GUESTS} booted guests",
+                lambda: vbmc_guests.run(
+                    service, vbmc_guests.GUESTS, plan.vbmc_rounds, workdir / "vbmc_rounds"
+                ),
+            )
+            errors += _wrong_rounds("vbmc_rounds", report["vbmc_rounds"])
         loaded_rss_mb = service.rss_mb()
     if "footprint" in sections:
         started = measure(
@@ -157,6 +212,17 @@ def _wrong_deliveries(name: str, entries: list[dict[str, Any]] | None) -> list[s
     ]
 
 
+def _wrong_rounds(name: str, serves: dict[str, dict[str, Any]] | None) -> list[str]:
+    return [
+        f"{name}: {serve}: round {index}: NMIs not delivered exactly once "
+        f"(NMIs per BMC {r['nmis_per_bmc']}, {r['errors']} Error events, "
+        f"failures {r['failures']})"
+        for serve, result in (serves or {}).items()
+        for index, r in enumerate(result["rounds"], 1)
+        if not r["exact"]
+    ]
+
+
 def _load_description(report: dict[str, Any]) -> str:
     """What the service had done when ``loaded_rss_mb`` was read."""
     triggers = 0
@@ -164,7 +230,11 @@ def _load_description(report: dict[str, Any]) -> str:
         triggers += report["api_overhead"]["samples"] + api_overhead.WARMUP
     for name in ("ipmi_fleet", "redfish_fleet"):
         triggers += sum(e["n"] * e["rounds"] for e in report[name] or [])
-    return f"after {triggers} trigger_crash_dump calls (API overhead and fleets)"
+    for name in ("ipmi_rounds", "vbmc_rounds"):
+        if report[name]:
+            long_running = report[name]["long_running"]
+            triggers += long_running["n"] * len(long_running["rounds"])
+    return f"after {triggers} trigger_crash_dump calls (API overhead, fleets, rounds)"
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -187,6 +257,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "200 BMCs: >= 20x faster than the ipmitool loop, exactly 200 NMIs",
                 entry["ratio"] >= 20 and entry["exact"] and entry["nmis_received"] == 200,
                 f"{entry['ratio']}x, {entry['nmis_received']} NMIs, exact={entry['exact']}",
+            ))  # fmt: skip
+    for name, what in (("ipmi_rounds", "IPMI rounds"), ("vbmc_rounds", "virtualbmc rounds")):
+        for serve, result in (report[name] or {}).items():
+            found.append(_target(
+                f"{what} ({serve.replace('_', '-')} service): 0 errors, one NMI per BMC per round",
+                result["exact"] and result["errors"] == 0,
+                f"{len(result['rounds'])} rounds of {result['n']}, {result['errors']} errors",
             ))  # fmt: skip
     scenario = report["scenario"]
     if scenario:
@@ -234,6 +311,8 @@ def render(report: dict[str, Any]) -> str:
             ("api_overhead", _render_api),
             ("ipmi_fleet", lambda e: _render_fleet("IPMI fleet", "ipmitool", "ipmitool_s", e)),
             ("redfish_fleet", lambda e: _render_fleet("Redfish fleet", "curl", "curl_s", e)),
+            ("ipmi_rounds", lambda r: _render_rounds("IPMI rounds (simulated BMCs)", r)),
+            ("vbmc_rounds", lambda r: _render_rounds("virtualbmc rounds (NMIs on consoles)", r)),
             ("scenario", _render_scenario),
             ("footprint", _render_footprint),
         )
@@ -287,6 +366,22 @@ def _render_fleet(title: str, tool: str, key: str, entries: list[dict[str, Any]]
             f"{e['nmis_received']} / {e['baseline_nmis_received']} "
             f"({'yes' if e['exact'] else 'NO'})"
         )
+    return "\n".join(lines)
+
+
+def _render_rounds(title: str, serves: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{title}: every BMC at once, round after round; errors are Error events"]
+    for serve, result in serves.items():
+        wall = result["wall_s"]
+        per_bmc = sorted({json.dumps(r["nmis_per_bmc"]) for r in result["rounds"]})
+        walls = " ".join(f"{r['wall_s']:.2f}" for r in result["rounds"])
+        lines += [
+            f"  {serve.replace('_', '-')} service: {len(result['rounds'])} rounds of "
+            f"{result['n']}, {result['errors']} errors, NMIs per BMC {', '.join(per_bmc)} "
+            f"(exact: {'yes' if result['exact'] else 'NO'})",
+            f"    wall per round min / median / max {wall['min']:.2f} / {wall['median']:.2f} / "
+            f"{wall['max']:.2f} s: {walls}",
+        ]
     return "\n".join(lines)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ from typing import Any
 import httpx
 import yaml
 
+from emulators.process import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 FAKE_CLOUD = REPO / "scenarios" / "fake-cloud.yaml"
 PROJECT_OF = {"admin": "admin", "alice": "alice", "bob": "bob", "carol": "alice"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fake_cloud_config(**overrides: Any) -> dict[str, Any]:

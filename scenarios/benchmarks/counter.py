@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Protocol
+
+
+class NMISource(Protocol):
+    """Where a fleet's NMIs are counted: ``read()`` returns NMIs per endpoint since the last."""
+
+    def read(self) -> Counter[str]: ...
 
 
 class NMICounter:

@@ -11,6 +11,11 @@ Both must deliver exactly one NMI to each of the N endpoints, counted by the
 simulator; the count is checked after a grace period, so a late duplicate
 (a retransmitted request) is caught too. Rounds alternate crashlab and
 baseline, so both see the same machine.
+
+``rounds`` is the endurance run: the same N endpoints through crashlab, round
+after round in one service, with no baseline. Each crashlab round is recorded
+(``round_record``): its ``Error`` events, how many endpoints received how many
+NMIs, and its wall time.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scenarios.benchmarks.counter import NMICounter
+from scenarios.benchmarks.counter import NMISource
 from scenarios.benchmarks.service import BenchError, BenchService
 from scenarios.benchmarks.stats import median, ratio
 
@@ -34,13 +39,13 @@ TIMEOUT_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class Peer:
-    """A simulated fleet: its endpoints, how crashlab and the CLI reach each."""
+    """A fleet: its endpoints, how crashlab and the CLI reach each (no CLI: no baseline)."""
 
     driver: str
     endpoints: list[str]
-    nmis: NMICounter
+    nmis: NMISource
     driver_info: Callable[[str], dict[str, Any]]
-    command: Callable[[str], list[str]]
+    command: Callable[[str], list[str]] | None = None
 
 
 @dataclass
@@ -49,16 +54,14 @@ class Round:
     nmis: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     accept_seconds: float = 0.0
+    errors: int = 0  # events that ended ``Error``
 
 
 def run(
     service: BenchService, peer: Peer, sizes: Sequence[int], repeats: int, baseline_key: str
 ) -> list[dict[str, Any]]:
     """One entry per N: medians of ``repeats`` rounds, the ratio and the NMI counts."""
-    servers = [
-        service.register(f"bench-{peer.driver}-{index}", peer.driver, peer.driver_info(endpoint))
-        for index, endpoint in enumerate(peer.endpoints[: max(sizes)])
-    ]
+    servers = _register(service, peer, f"bench-{peer.driver}", max(sizes))
     results = []
     for n in sizes:
         ours: list[Round] = []
@@ -68,6 +71,44 @@ def run(
             theirs.append(_baseline(peer, peer.endpoints[:n]))
         results.append(_summary(n, ours, theirs, baseline_key, peer.endpoints[:n]))
     return results
+
+
+def rounds(service: BenchService, peer: Peer, count: int, name: str) -> dict[str, Any]:
+    """``count`` rounds of every endpoint at once through crashlab, each recorded."""
+    servers = _register(service, peer, name, len(peer.endpoints))
+    records = [
+        round_record(_through_crashlab(service, peer, servers, peer.endpoints), peer.endpoints)
+        for _ in range(count)
+    ]
+    walls = [r["wall_s"] for r in records]
+    return {
+        "n": len(peer.endpoints),
+        "rounds": records,
+        "errors": sum(r["errors"] for r in records),
+        "exact": all(r["exact"] for r in records),
+        "wall_s": {"min": min(walls), "median": round(median(walls), 3), "max": max(walls)},
+    }
+
+
+def round_record(round_: Round, endpoints: list[str]) -> dict[str, Any]:
+    """One round as the report shows it: ``nmis_per_bmc`` maps an NMI count to the
+    number of endpoints that received that many (``{"1": n}`` when exact)."""
+    per_bmc = Counter(round_.nmis[e] for e in endpoints)
+    return {
+        "errors": round_.errors,
+        "nmis_per_bmc": {str(k): per_bmc[k] for k in sorted(per_bmc)},
+        "nmis_received": round_.nmis.total(),
+        "wall_s": round(round_.seconds, 3),
+        "exact": _exact(round_, endpoints),
+        "failures": sorted(set(round_.failures))[:3],
+    }
+
+
+def _register(service: BenchService, peer: Peer, prefix: str, n: int) -> list[str]:
+    return [
+        service.register(f"{prefix}-{index}", peer.driver, peer.driver_info(endpoint))
+        for index, endpoint in enumerate(peer.endpoints[:n])
+    ]
 
 
 def _through_crashlab(
@@ -82,11 +123,13 @@ def _through_crashlab(
     time.sleep(GRACE_SECONDS)
     nmis += peer.nmis.read()
     failures = [f"{e.result}: {e.details}" for e in events if e.result != "Success"]
+    errors = sum(e.result == "Error" for e in events)
     seconds = max(e.finished_at for e in events) - started
-    return Round(seconds, nmis, failures, accepted - started)
+    return Round(seconds, nmis, failures, accepted - started, errors)
 
 
 def _baseline(peer: Peer, endpoints: list[str]) -> Round:
+    assert peer.command is not None, f"no CLI baseline for {peer.driver}"
     peer.nmis.read()
     failures = []
     started = time.monotonic()
@@ -101,7 +144,7 @@ def _baseline(peer: Peer, endpoints: list[str]) -> Round:
     return Round(seconds, nmis, failures)
 
 
-def _wait_for_nmis(counter: NMICounter, expected: int) -> Counter[str]:
+def _wait_for_nmis(counter: NMISource, expected: int) -> Counter[str]:
     """Read the simulator's log until ``expected`` NMIs arrived (or the timeout passed)."""
     seen: Counter[str] = Counter()
     deadline = time.monotonic() + TIMEOUT_SECONDS
@@ -127,6 +170,7 @@ def _summary(
         "crashlab_accept_s": round(median([r.accept_seconds for r in ours]), 3),
         "rounds": len(ours),
         "failures": sorted({f for r in ours + theirs for f in r.failures})[:5],
+        "per_round": [round_record(r, endpoints) for r in ours],
     }
 
 

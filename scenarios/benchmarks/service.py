@@ -16,7 +16,6 @@ import datetime as dt
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import httpx
 import yaml
 
 from app.identity import hash_password
+from emulators.process import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin"
@@ -74,7 +74,7 @@ class BenchService:
     def __init__(self, workdir: Path, *, driver_workers: int = 256) -> None:
         self.workdir = workdir
         self.driver_workers = driver_workers
-        self.port = _free_port()
+        self.port = free_port()
         self.password = secrets.token_urlsafe(12)
         self.startup_s = 0.0
         self._process: subprocess.Popen[bytes] | None = None
@@ -317,10 +317,3 @@ def _expect(response: httpx.Response, status: int) -> None:
             f"{response.request.method} {response.request.url.path} answered "
             f"{response.status_code}, not {status}: {response.text[:300]}"
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

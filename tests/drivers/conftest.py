@@ -40,7 +40,6 @@ from tests.live import LiveServer, fake_cloud_config
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 BLANK_PREFIX = "crashlab-bmctest-"
-NMI_LOGGED = "NMI received for unknown reason"
 NMI_PANIC = "Kernel panic - not syncing: NMI"
 # Peer BMC processes started at once (each start is mostly a Python import).
 _PEER_STARTERS = 4

@@ -34,12 +34,13 @@ from drivers.base import (
 )
 from drivers.ipmi import IPMIDriver, IPMISettings, NegotiatingSession
 from emulators.guest import Guest
-from emulators.guest_image import ImageVariant, build_image
+from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.process import free_port
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
 from scenarios.benchmarks.ipmi_sim import IPMIFleet
+from scenarios.benchmarks.vbmc_guests import GuestBMCs
 from tests.drivers.conftest import (
-    NMI_LOGGED,
+    LIBVIRT_URI,
     NMI_PANIC,
     IPMIPeers,
     bmc_cloud,
@@ -516,6 +517,31 @@ def test_a_fleet_of_bmcs_is_triggered_through_the_api_in_parallel(
     )
     assert peers.nmis() == Counter(peers.ports)
     assert wall < API_FLEET * one / 4
+
+
+@pytest.mark.slow
+def test_virtualbmcs_in_front_of_booted_guests_each_log_one_nmi_per_round(
+    tmp_path: Path, crashlab_server: Callable[..., LiveServer]
+) -> None:
+    """Every guest's BMC triggered at once through the API: each NMI is counted on the
+    console of the guest it reached, so "exactly once" holds end to end."""
+    with GuestBMCs(tmp_path, uri=LIBVIRT_URI) as guests:
+        names = guests.names
+        server = crashlab_server(bmc_cloud({n: ("ipmi", guests.driver_info(n)) for n in names}))
+        with ThreadPoolExecutor(len(names)) as pool:
+            started = time.monotonic()
+            triggers = list(pool.map(lambda name: trigger_as(server, "alice", name), names))
+            events = list(
+                pool.map(lambda t: wait_for_event(server, "alice", *t, timeout=60), triggers)
+            )
+            wall = time.monotonic() - started
+        for guest in guests.guests:
+            wait_console_count(guest, NMI_LOGGED, 1, timeout=30)
+        time.sleep(1.0)  # a late duplicate would show
+        print(f"\n{len(names)} guests booted in {guests.boot_s:.1f}s; one round {wall:.2f}s")
+        assert [e["result"] for e in events if e["result"] != "Success"] == [], events
+        counts = {guest.name: console_count(guest, NMI_LOGGED) for guest in guests.guests}
+        assert counts == dict.fromkeys(names, 1)
 
 
 # -- many threads against pyghmi's shared session machinery ---------------------------------

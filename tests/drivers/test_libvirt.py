@@ -16,12 +16,10 @@ import pytest
 from drivers.base import BackendUnreachable, InstanceNotRunning, PowerState, ServerNotFound
 from drivers.libvirt import LibvirtDriver, LibvirtSettings
 from emulators.guest import Guest
-from emulators.guest_image import ImageVariant, build_image
+from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from tests.live import LiveServer, fake_cloud_config
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
-
-NMI_LOGGED = "NMI received for unknown reason"
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,9 @@ from drivers.base import (
 )
 from drivers.redfish import RedfishDriver
 from emulators.guest import Guest
-from emulators.guest_image import ImageVariant, build_image
+from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.sushy import SushyEmulator
 from tests.drivers.conftest import (
-    NMI_LOGGED,
     NMI_PANIC,
     bmc_cloud,
     console_count,

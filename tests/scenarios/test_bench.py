@@ -17,6 +17,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICK_SIZES = [10, 50]
+QUICK_ROUNDS, QUICK_ROUNDS_N = 2, 50
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,23 @@ def test_fleet_delivers_exactly_n_nmis(report: dict[str, Any], section: str, bas
         assert entry["baseline_nmis_received"] == entry["n"]
         assert entry["exact"], entry
         assert entry["crashlab_s"] > 0 and entry[baseline] > 0
+        [per_round] = entry["per_round"]
+        assert (per_round["errors"], per_round["nmis_per_bmc"]) == (0, {"1": entry["n"]})
+
+
+def test_ipmi_rounds_record_errors_and_nmis_per_round_in_both_services(
+    report: dict[str, Any],
+) -> None:
+    serves = report["ipmi_rounds"]
+    assert set(serves) == {"long_running", "fresh"}
+    for result in serves.values():
+        assert result["n"] == QUICK_ROUNDS_N and len(result["rounds"]) == QUICK_ROUNDS
+        assert (result["errors"], result["exact"]) == (0, True), result
+        for record in result["rounds"]:
+            assert record["errors"] == 0 and record["failures"] == []
+            assert record["nmis_per_bmc"] == {"1": QUICK_ROUNDS_N}
+            assert 0 < record["wall_s"] < 60
+        assert result["wall_s"]["min"] <= result["wall_s"]["median"] <= result["wall_s"]["max"]
 
 
 def test_footprint_and_no_scenario_when_quick(report: dict[str, Any]) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from tests.live import LiveServer, fake_cloud_config, free_port
+from emulators.process import free_port
+from tests.live import LiveServer, fake_cloud_config
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
