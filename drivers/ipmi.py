@@ -448,6 +448,10 @@ class IPMIDriver(Driver):
         threading.Thread(target=run, name=f"ipmi {self.bmc}", daemon=True).start()
         if not done.wait(self.settings.timeout):
             pulse_sent = call.abandon()
+            # Read the session before _release lets its thread log it out: a logged-out
+            # session would read as a login that never completed.
+            error = self._timed_out(call, doing, nmi_not_sent=not pulse_sent)
+            state = _session_state(call.session)
             _release(call.session, pulse_sent)
             LOG.warning(
                 "IPMI call to BMC at %s gave up after %gs (%s): steps %s, session %s",
@@ -455,9 +459,9 @@ class IPMIDriver(Driver):
                 self.settings.timeout,
                 doing,
                 call.phases,
-                _session_state(call.session),
+                state,
             )
-            raise self._timed_out(call, doing, nmi_not_sent=not pulse_sent)
+            raise error
         ok, value = outcome[0]
         if ok:
             return value  # type: ignore[no-any-return]
@@ -521,14 +525,19 @@ class IPMIDriver(Driver):
     def _timed_out(self, call: _Call, doing: str, *, nmi_not_sent: bool) -> DriverError:
         t = self.settings.timeout
         session = call.session
-        if session is not None and session.open_session_accepted and not session.logged:
+        step = call.phases[-1][0] if call.phases else "pulse"
+        if (
+            step == "login"
+            and session is not None
+            and session.open_session_accepted
+            and not session.logged
+        ):
             # The BMC answers but never finishes the login: virtualbmc does this
             # for a user name it does not know (real BMCs answer "Unauthorized name").
             return BackendAuthFailed(
                 f"BMC at {self.bmc} did not complete the login of user "
                 f"{self.settings.username!r} within {t:g}s; the user name is probably unknown"
             )
-        step = call.phases[-1][0] if call.phases else "pulse"
         where = (
             doing if step == "pulse" else f"{doing}; stopped at {_STEP_TEXT[step]}, nothing sent"
         )
