@@ -17,10 +17,14 @@ from app.api.microversion import MIN_VERSION, APIVersion, requested_version
 from app.exceptions import APIError, BadRequest, PayloadTooLarge
 
 COMPUTE_PREFIX = "/v2.1"
-# Nova's [wsgi] max_header_line default, and eventlet.wsgi's MAX_TOTAL_HEADER_SIZE:
-# uvicorn's httptools parser has no limit of its own.
+# Nova's [wsgi] max_header_line default, and eventlet.wsgi's MAX_TOTAL_HEADER_SIZE.
 MAX_HEADER_LINE = 16384
 MAX_TOTAL_HEADER_SIZE = 65536
+# How much of a request's head uvicorn's h11 parser buffers (its default is 16 KiB).
+# Heads up to this size are read whole and refused here in Nova's fault format; a
+# server that refused a head it had not read would close with the client's bytes
+# unread, and the kernel's reset could reach the client before the answer.
+MAX_REQUEST_HEAD_BYTES = 2 * MAX_TOTAL_HEADER_SIZE
 
 
 def is_compute_path(path: str) -> bool:

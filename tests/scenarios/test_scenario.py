@@ -125,10 +125,17 @@ def test_unreachable_api_fails_before_booting(tmp_path: Path) -> None:
     assert report["domain"] is None
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_scenario_cleans_up(tmp_path: Path, libvirt_conn: libvirt.virConnect) -> None:
     process = subprocess.Popen(
         [*crashlab_command(), "scenario", "kdump", "--via", "redfish", "--output", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as at a terminal: a job started in the background by a shell without
+        # job control inherits SIGINT ignored, and so would the scenario.
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     assert process.stderr is not None
     domain = None
@@ -147,5 +154,5 @@ def test_interrupted_scenario_cleans_up(tmp_path: Path, libvirt_conn: libvirt.vi
     assert not list((tmp_path / "sushy").glob("*.pid"))
     sushy_log = (tmp_path / "sushy" / "emulator.log").read_text()
     assert sushy_log  # it ran; and it is gone:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "sushy") not in ps
