@@ -33,8 +33,8 @@ from pathlib import Path
 
 import libvirt
 
-from emulators.accel import Accel, cached_verdict, kvm_access_problem, qemu_user
-from emulators.guest_image import ImageVariant, cache_root, resolve_inputs
+from emulators.accel import KVM_DEVICE, Accel, cached_verdict, kvm_access_problem, qemu_user
+from emulators.guest_image import ImageVariant, cache_root, image_dir, resolve_inputs
 
 URI = "qemu:///system"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ def check_define_round_trip() -> Check:
 
 def check_kvm() -> Check:
     problem = kvm_access_problem()
-    if problem is not None and Path("/dev/kvm").exists():
+    if problem is not None and KVM_DEVICE.exists():
         return Check(
             "kvm", Status.FAIL,
             f"{problem}; libvirt then re-probes QEMU on every define", fix=KVM_FIX,
@@ -151,23 +151,23 @@ def check_venv() -> Check:
 
 
 def check_guest_images() -> Check:
-    images = cache_root() / "images"
+    cache = cache_root()
     try:
         wanted = [resolve_inputs(variant) for variant in ImageVariant]
     except (OSError, RuntimeError, ValueError) as exc:
         return Check("guest images", Status.FAIL, f"cannot resolve the inputs: {_first_line(exc)}",
                      fix="scripts/install")  # fmt: skip
     missing = [
-        i.variant.value
-        for i in wanted
-        if not (images / f"{i.variant.value}-{i.digest()}" / "manifest.json").exists()
+        i.variant.value for i in wanted if not (image_dir(i, cache) / "manifest.json").exists()
     ]
     if missing:
         return Check(
             "guest images", Status.WARN, f"not built yet: {' '.join(missing)} (built on first use)",
             fix="crashlab image build",
         )  # fmt: skip
-    return Check("guest images", Status.OK, f"cached in {images}", f"{len(wanted)} variants")
+    return Check(
+        "guest images", Status.OK, f"cached in {cache / 'images'}", f"{len(wanted)} variants"
+    )
 
 
 def check_disk_space() -> Check:

@@ -322,8 +322,13 @@ def build_image(
     return build_from_inputs(inputs, cache or cache_root())
 
 
+def image_dir(inputs: ImageInputs, cache: Path) -> Path:
+    """Where the image built from ``inputs`` lives; it is built when its manifest exists."""
+    return cache / "images" / f"{inputs.variant.value}-{inputs.digest()}"
+
+
 def build_from_inputs(inputs: ImageInputs, cache: Path) -> GuestImage:
-    target = cache / "images" / f"{inputs.variant.value}-{inputs.digest()}"
+    target = image_dir(inputs, cache)
     if (target / "manifest.json").exists():
         return load_image(target)
     kernel_dir = unpack_kernel(inputs.kernel_package, inputs.kernel_version, cache)

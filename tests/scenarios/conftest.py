@@ -8,6 +8,7 @@ undefined and deleted even when a test fails.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -31,3 +32,15 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
         )
     yield conn
     conn.close()
+
+
+def processes_mentioning(path: Path) -> list[int]:
+    """PIDs whose command line names ``path`` (read whole from /proc, never truncated)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # the process ended meanwhile
+    return pids

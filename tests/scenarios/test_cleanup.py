@@ -22,6 +22,7 @@ import pytest
 from emulators.guest import GuestTimeout
 from scenarios.kdump import Verdict, run_kdump_scenario
 from scenarios.progress import Progress
+from tests.scenarios.conftest import processes_mentioning
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.bmc, pytest.mark.slow]
 
@@ -54,21 +55,9 @@ def _raise(error: BaseException) -> Callable[[], None]:
     return act
 
 
-def _processes_mentioning(path: Path) -> list[int]:
-    """PIDs whose command line names ``path`` (read whole from /proc, never truncated)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(path).encode() in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue  # the process ended meanwhile
-    return pids
-
-
 def _kill_emulators(output: Path) -> Callable[[], None]:
     def act() -> None:
-        pids = _processes_mentioning(output / "sushy")
+        pids = processes_mentioning(output / "sushy")
         assert pids, "sushy-tools is running"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -105,6 +94,6 @@ def test_a_failure_in_any_phase_leaves_no_domain_and_no_process(
     assert outcome, phase
     assert len(progress.domains) == 1, "the guest was booted"
     assert not _defined(libvirt_conn, progress.domains[0])
-    assert not _processes_mentioning(tmp_path)
+    assert not processes_mentioning(tmp_path)
     emulator_dir = tmp_path / ("sushy" if via == "redfish" else "vbmc")
     assert emulator_dir.exists(), "the emulator was started"

@@ -18,6 +18,7 @@ import pytest
 
 from emulators.process import free_port
 from tests.live import LiveServer, fake_cloud_config
+from tests.scenarios.conftest import processes_mentioning
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
@@ -154,5 +155,4 @@ def test_interrupted_scenario_cleans_up(tmp_path: Path, libvirt_conn: libvirt.vi
     assert not list((tmp_path / "sushy").glob("*.pid"))
     sushy_log = (tmp_path / "sushy" / "emulator.log").read_text()
     assert sushy_log  # it ran; and it is gone:
-    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path / "sushy") not in ps
+    assert not processes_mentioning(tmp_path / "sushy")
