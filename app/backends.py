@@ -1,8 +1,11 @@
 """Drivers for the servers in the inventory, and the threads that call them.
 
-Driver calls block (libvirt-python, pyghmi, sushy), so they run in one
-thread pool sized for many servers at once; there is no global lock, so
-different servers are reached in parallel. Every wait is bounded.
+Driver calls block (libvirt-python, pyghmi, sushy), so they run in threads.
+Each backend (one libvirt URI, one BMC) is a bulkhead: it has its own few
+threads, a bound on the calls waiting for them, and a circuit breaker for
+state reads. A backend that hangs fills only its own bulkhead; every other
+backend, and so every other server and tenant, is reached as before. Every
+wait is bounded.
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from app.config import BackendsConfig
 from app.crypto import SecretBox
 from app.store import ServerRecord
 from drivers import driver_class
-from drivers.base import Driver, DriverError, PowerState
+from drivers.base import BackendUnreachable, Driver, DriverError, PowerState
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,9 +29,21 @@ T = TypeVar("T")
 SECRET_MASK = "******"
 
 
-class BackendTimeout(DriverError):
+class BackendTimeout(BackendUnreachable):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the backend did not answer within {seconds:g} s")
+
+
+class BackendBusy(DriverError):
+    """The backend's bulkhead is full: its earlier calls have not returned."""
+
+    nmi_not_sent = True
+
+
+class BreakerOpen(DriverError):
+    """The backend failed its last reads; it is not read again until the breaker resets."""
+
+    nmi_not_sent = True
 
 
 def encrypt_secrets(driver: str, info: dict[str, Any], box: SecretBox) -> dict[str, Any]:
@@ -41,15 +58,84 @@ def masked_settings(driver: str, stored: dict[str, Any]) -> dict[str, Any]:
     return {k: SECRET_MASK if k in secret_fields else v for k, v in stored.items()}
 
 
-class Backends:
-    """Builds, caches and calls the driver of each server."""
+class CircuitBreaker:
+    """Opens after ``failures`` unanswered reads in a row; lets one probe through
+    after ``reset_seconds``, and closes on the first answer."""
 
-    def __init__(self, box: SecretBox, workers: int) -> None:
-        self._box = box
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="driver"
+    def __init__(self, failures: int, reset_seconds: float) -> None:
+        self.failures = failures
+        self.reset_seconds = reset_seconds
+        self._consecutive = 0
+        self._open_until = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._consecutive < self.failures:
+                return True
+            now = time.monotonic()
+            if now < self._open_until:
+                return False
+            self._open_until = now + self.reset_seconds  # this caller is the probe
+            return True
+
+    def record(self, answered: bool) -> None:
+        with self._lock:
+            if answered:
+                self._consecutive = 0
+                return
+            self._consecutive += 1
+            if self._consecutive >= self.failures:
+                self._open_until = time.monotonic() + self.reset_seconds
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self._consecutive >= self.failures
+
+
+class Bulkhead:
+    """One backend's threads, its bound on calls in flight, and its breaker."""
+
+    def __init__(self, backend_id: str, config: BackendsConfig) -> None:
+        self.backend_id = backend_id
+        self.limit = config.concurrency + config.queue
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_seconds)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.concurrency, thread_name_prefix="backend"
         )
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue ``call`` on this backend's threads; BackendBusy when it is full."""
+        with self._lock:
+            if self._in_flight >= self.limit:
+                raise BackendBusy(
+                    f"the backend has {self._in_flight} calls that have not returned; "
+                    "nothing was sent"
+                )
+            self._in_flight += 1
+        future = self._executor.submit(call)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Backends:
+    """Builds, caches and calls the driver of each server, each in its backend's bulkhead."""
+
+    def __init__(self, box: SecretBox, config: BackendsConfig) -> None:
+        self._box = box
+        self.config = config
         self._drivers: dict[str, tuple[tuple[str, str], Driver]] = {}
+        self._bulkheads: dict[str, Bulkhead] = {}
         self._lock = threading.Lock()
 
     def driver_for(self, record: ServerRecord) -> Driver:
@@ -73,47 +159,66 @@ class Backends:
             self._close(old[1])
         return driver
 
+    def bulkhead(self, driver: Driver) -> Bulkhead:
+        with self._lock:
+            bulkhead = self._bulkheads.get(driver.backend_id)
+            if bulkhead is None:
+                bulkhead = self._bulkheads[driver.backend_id] = Bulkhead(
+                    driver.backend_id, self.config
+                )
+            return bulkhead
+
     def forget(self, server_uuid: str) -> None:
         with self._lock:
             cached = self._drivers.pop(server_uuid, None)
         if cached is not None:
             self._close(cached[1])
 
-    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
-        return self._pool.submit(call)
+    def submit_nmi(self, record: ServerRecord) -> concurrent.futures.Future[None]:
+        """Send the server's NMI in its backend's bulkhead (no breaker: an NMI is asked for)."""
+        driver = self.driver_for(record)
+        return self.bulkhead(driver).submit(driver.trigger_crash_dump)
 
-    def call(self, call: Callable[[], T], timeout: float) -> T:
-        """Run a driver call in the pool; BackendTimeout if it outlives ``timeout``."""
-        future = self._pool.submit(call)
+    def submit_power_state(self, record: ServerRecord) -> concurrent.futures.Future[PowerState]:
+        """Read the server's power state in its bulkhead, if its breaker lets it."""
+        driver = self.driver_for(record)
+        bulkhead = self.bulkhead(driver)
+        if not bulkhead.breaker.allow():
+            raise BreakerOpen(
+                f"the backend did not answer its last {bulkhead.breaker.failures} reads"
+            )
+        future = bulkhead.submit(driver.get_power_state)
+        future.add_done_callback(lambda done: _record_answer(bulkhead.breaker, done))
+        return future
+
+    def power_state(self, record: ServerRecord, timeout: float) -> PowerState | None:
+        """The live power state, or None if it cannot be read within ``timeout``."""
         try:
+            future = self.submit_power_state(record)
             return future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
-            raise BackendTimeout(timeout) from None
-
-    def power_states(
-        self, records: list[ServerRecord], timeout: float
-    ) -> dict[str, PowerState | None]:
-        """Live power state of each server, read in parallel; None where unknown."""
-        futures = {record.uuid: self._pool.submit(self._power_state, record) for record in records}
-        done, _ = concurrent.futures.wait(futures.values(), timeout=timeout)
-        return {
-            uuid: future.result() if future in done else None for uuid, future in futures.items()
-        }
-
-    def _power_state(self, record: ServerRecord) -> PowerState | None:
-        try:
-            return self.driver_for(record).get_power_state()
+            future.cancel()
+            self.note_no_answer(record)
+            LOG.info("power state of %s: no answer within %g s", record.uuid, timeout)
         except DriverError as exc:
             LOG.info("power state of %s unknown: %s", record.uuid, exc)
         except Exception:
             LOG.exception("power state of %s failed", record.uuid)
         return None
 
+    def note_no_answer(self, record: ServerRecord) -> None:
+        """A read its caller stopped waiting for counts against the backend's breaker
+        at once: a hung call may never return to count itself."""
+        self.bulkhead(self.driver_for(record)).breaker.record(False)
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             drivers = [d for _, d in self._drivers.values()]
+            bulkheads = list(self._bulkheads.values())
             self._drivers.clear()
+            self._bulkheads.clear()
+        for bulkhead in bulkheads:
+            bulkhead.close()
         for driver in drivers:
             self._close(driver)
 
@@ -123,3 +228,9 @@ class Backends:
             driver.close()
         except Exception:
             LOG.exception("closing the %s driver failed", driver.name)
+
+
+def _record_answer(breaker: CircuitBreaker, future: concurrent.futures.Future[Any]) -> None:
+    """A reply, even an error reply, is an answer; a cancelled read was counted by its caller."""
+    if not future.cancelled():
+        breaker.record(not isinstance(future.exception(), BackendUnreachable))

@@ -109,6 +109,22 @@ class NMIGuardConfig(_Strict):
     cooldown_seconds: float = Field(60.0, ge=0)
 
 
+class BackendsConfig(_Strict):
+    """Each backend (a libvirt URI, a BMC) is a bulkhead of its own (app/backends.py)."""
+
+    concurrency: int = Field(4, gt=0, le=64, description="threads per backend")
+    queue: int = Field(64, ge=0, le=10000, description="calls that may wait for them")
+    state_timeout_seconds: float = Field(3.0, gt=0, le=60)
+    breaker_failures: int = Field(3, gt=0, le=100)
+    breaker_reset_seconds: float = Field(30.0, gt=0, le=3600)
+
+
+class PowerSyncConfig(_Strict):
+    """The background power-state sync, as Nova's _sync_power_states."""
+
+    interval_seconds: float = Field(10.0, gt=0, le=86400)
+
+
 class Config(_Strict):
     state_file: Path | None = None
     policy_file: Path | None = None
@@ -117,7 +133,10 @@ class Config(_Strict):
     )
     host_name: str = "crashlab"
     max_body_bytes: int = Field(65536, gt=0)
-    driver_workers: int = Field(256, gt=0)
+    backends: BackendsConfig = Field(default_factory=BackendsConfig)
+    power_sync: PowerSyncConfig = Field(default_factory=PowerSyncConfig)
+    # A process renews its lease every third of this; a lease this old is lapsed.
+    lease_seconds: float = Field(15.0, ge=1, le=3600)
     driver_timeout_seconds: float = Field(60.0, gt=0)
     nmi_guard: NMIGuardConfig = Field(default_factory=NMIGuardConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)

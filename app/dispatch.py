@@ -5,6 +5,10 @@ call the driver once, never retry (an NMI is not idempotent), and finish the
 ``compute_trigger_crash_dump`` event as Success or Error, with Nova's
 ``details`` (the error message, or the class name of an unexpected
 exception) and ``traceback`` (frames only).
+
+Before the driver is called the event is marked as sending, in the state
+file, and only if its server still exists: a server deleted after the 202
+gets no NMI, and one is not deleted while its NMI is on its way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from drivers.base import DriverError, may_have_sent_nmi
 
 LOG = logging.getLogger(__name__)
 
-RESTART_DETAILS = "service restarted before the result was known"
+REMOVED_DETAILS = "the server was removed before the NMI was sent; nothing was sent"
 
 
 class CrashDumpDispatcher:
@@ -30,18 +34,23 @@ class CrashDumpDispatcher:
         self.backends = backends
         self.timeout = timeout
 
-    def recover(self) -> int:
-        """At start-up: events left running by a dead process become Error."""
-        return self.service.store.fail_unfinished_events(RESTART_DETAILS)
-
     async def run(self, pending: PendingCrashDump) -> None:
+        store = self.service.store
+        if not await run_in_threadpool(store.begin_sending, pending.event_id):
+            # Deleted with its server (or already ended): there is nothing to record.
+            LOG.info("trigger_crash_dump %s: %s", pending.action.request_id, REMOVED_DETAILS)
+            return
         result, details, frames = "Success", None, None
+        future = None
         try:
-            # One hop to a driver thread: looking the driver up there too saves one.
-            future = self.backends.submit(lambda: self._send_nmi(pending))
+            future = self.backends.submit_nmi(pending.server)
             await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.timeout)
         except TimeoutError as error:
             result, details, frames = "Error", str(BackendTimeout(self.timeout)), _frames(error)
+            if future is not None and future.cancelled():
+                # It waited behind the backend's earlier calls and never ran.
+                details += "; nothing was sent"
+                await run_in_threadpool(self.service.clear_nmi_cooldown, pending.server.uuid)
         except DriverError as error:
             result, details, frames = "Error", error.message, _frames(error)
             if not may_have_sent_nmi(error):
@@ -58,15 +67,12 @@ class CrashDumpDispatcher:
             f" ({details})" if details else "",
         )
         await run_in_threadpool(
-            self.service.store.finish_event,
+            store.finish_event,
             pending.event_id,
             result=result,
             details=details,
             traceback=frames,
         )
-
-    def _send_nmi(self, pending: PendingCrashDump) -> None:
-        self.backends.driver_for(pending.server).trigger_crash_dump()
 
 
 def _frames(error: BaseException) -> str:

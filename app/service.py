@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import threading
 import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +17,22 @@ from typing import Any
 from app import exceptions as exc
 from app import policy as rules
 from app.backends import Backends, encrypt_secrets
-from app.config import Config, IdentityConfig
+from app.config import Config, IdentityConfig, NMIGuardConfig
 from app.crypto import SecretBox
 from app.policy import Credentials, PolicyEnforcer
-from app.store import InstanceAction, ServerRecord, Store, utcnow
+from app.store import (
+    ActionStart,
+    DumpCoolingDown,
+    DumpInProgress,
+    InstanceAction,
+    LockedByOther,
+    NMIOnItsWay,
+    ServerGone,
+    ServerLocked,
+    ServerRecord,
+    Store,
+    utcnow,
+)
 from drivers import UnknownDriver, driver_class
 from drivers.base import PowerState
 
@@ -92,15 +103,18 @@ class ComputeService:
         policy: PolicyEnforcer,
         backends: Backends,
         box: SecretBox,
+        owner: str,
     ) -> None:
         self.config = config
         self.store = store
         self.policy = policy
         self.backends = backends
         self.box = box
-        self.state_timeout = min(3.0, config.driver_timeout_seconds)
-        self._server_locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        # The process lease that owns the events this service starts (app/leases.py).
+        self.owner = owner
+        self.state_timeout = min(
+            config.backends.state_timeout_seconds, config.driver_timeout_seconds
+        )
 
     # Lookup
 
@@ -114,7 +128,7 @@ class ComputeService:
     def show(self, ctx: Context, server_id: str) -> ServerView:
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.SERVERS_SHOW, _target(record), ctx.credentials)
-        return self._views([record])[0]
+        return stored_view(record)
 
     def list_servers(
         self,
@@ -134,90 +148,90 @@ class ComputeService:
             self.policy.authorize(all_rule, {"project_id": ctx.project_id}, ctx.credentials)
             project_id = None
         records = self.store.list_servers(project_id=project_id, name=name)
-        return self._views(records) if detail else [_static_view(r) for r in records]
+        return [stored_view(r) for r in records]
 
     def live_view(self, record: ServerRecord) -> ServerView:
-        return self._views([record])[0]
+        """The server with its state read live, bounded; the stored state if no answer.
 
-    def _views(self, records: list[ServerRecord]) -> list[ServerView]:
-        states = self.backends.power_states(records, timeout=self.state_timeout)
-        views = []
-        for record in records:
-            power = states[record.uuid]
-            if power is None:
-                power = PowerState(record.last_power_state)
-            elif power != record.last_power_state:
-                self.store.update_server(record.uuid, last_power_state=int(power))
-            vm_state = record.vm_state_override or VM_STATE_FOR_POWER[power]
-            views.append(ServerView(record, power, vm_state))
-        return views
+        Only the trigger path reads live, and only its own target.
+        """
+        power = self.backends.power_state(record, timeout=self.state_timeout)
+        if power is None:
+            return stored_view(record)
+        if power != record.last_power_state:
+            self.store.record_power_states({record.uuid: int(power)})
+        return ServerView(record, power, record.vm_state_override or VM_STATE_FOR_POWER[power])
 
     # Actions
 
     def trigger_crash_dump(
         self, ctx: Context, server_id: str, *, ignore_nmi_guard: bool = False
     ) -> PendingCrashDump:
-        """Nova's compute API trigger_crash_dump, plus crashlab's NMI storm guard."""
+        """Nova's compute API trigger_crash_dump, plus crashlab's NMI storm guard.
+
+        The lock and the guard are checked once before the live state read,
+        so a storm is refused without reaching the backend, and decided again
+        in the transaction that records the action.
+        """
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.TRIGGER_CRASH_DUMP, _target(record), ctx.credentials)
         if ignore_nmi_guard:
             self.policy.authorize(rules.BYPASS_NMI_GUARD, _target(record), ctx.credentials)
         _check_instance_lock(ctx, record)
+        guard = (
+            None if ignore_nmi_guard or not self.config.nmi_guard.enabled else self.config.nmi_guard
+        )
+        if guard is not None:
+            self._check_nmi_guard(record, guard)
         view = self.live_view(record)
         if view.vm_state not in ALLOW_TRIGGER_CRASH_DUMP:
             raise exc.InstanceInvalidState(
                 TRIGGER_CRASH_DUMP, record.uuid, "vm_state", view.vm_state
             )
-        with self._server_lock(record.uuid):
-            if not ignore_nmi_guard:
-                self._check_nmi_guard(record)
-            action = self.store.start_action(
-                request_id=ctx.request_id,
-                instance_uuid=record.uuid,
-                action=TRIGGER_CRASH_DUMP,
-                user_id=ctx.user_id,
-                project_id=ctx.project_id,
+        try:
+            action = self.store.start_crash_dump(
+                record.uuid,
+                start=_start(ctx),
                 event_name=CRASH_DUMP_EVENT,
                 host=self.config.host_name,
-                stamp_server="last_crash_dump_at",
+                owner=self.owner,
+                refuse_locked=not ctx.is_admin,
+                cooldown_seconds=None if guard is None else guard.cooldown_seconds,
             )
+        except ServerGone:
+            raise exc.InstanceNotFound(server_id) from None
+        except ServerLocked:
+            raise exc.InstanceIsLocked(record.uuid) from None
+        except DumpInProgress:
+            raise _dump_in_progress(record.uuid) from None
+        except DumpCoolingDown as cooling:
+            assert guard is not None
+            raise _cooling_down(record.uuid, cooling.elapsed, guard) from None
         return PendingCrashDump(record, action, action.events[0].id)
 
-    def _check_nmi_guard(self, record: ServerRecord) -> None:
-        guard = self.config.nmi_guard
-        if not guard.enabled:
-            return
+    def _check_nmi_guard(self, record: ServerRecord, guard: NMIGuardConfig) -> None:
+        """The storm guard as the state file had it: refuses a storm before any backend read."""
         if self.store.running_event_count(record.uuid, CRASH_DUMP_EVENT):
-            raise exc.NMIGuardActive(
-                f"A crash dump of instance {record.uuid} is still in progress; "
-                "crashlab sends one NMI at a time."
-            )
-        last = self.store.get_server(record.uuid)
-        if last is not None and last.last_crash_dump_at is not None:
-            elapsed = (utcnow() - last.last_crash_dump_at).total_seconds()
+            raise _dump_in_progress(record.uuid)
+        if record.last_crash_dump_at is not None:
+            elapsed = (utcnow() - record.last_crash_dump_at).total_seconds()
             if elapsed < guard.cooldown_seconds:
-                raise exc.NMIGuardActive(
-                    f"A crash dump of instance {record.uuid} was triggered {elapsed:.0f} s ago; "
-                    f"crashlab waits {guard.cooldown_seconds:g} s before another NMI so a "
-                    "running kdump is not interrupted."
-                )
+                raise _cooling_down(record.uuid, elapsed, guard)
 
     def clear_nmi_cooldown(self, server_uuid: str) -> None:
         """After an NMI that certainly was not sent, a retry need not wait."""
-        self.store.update_server(server_uuid, last_crash_dump_at=None)
+        self.store.clear_nmi_cooldown(server_uuid)
 
     def lock(self, ctx: Context, server_id: str) -> None:
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.LOCK, _target(record), ctx.credentials)
-        is_owner = record.project_id == ctx.project_id
         # nova/compute/api.py lock: an owner re-locking changes nothing, so an
         # admin's lock stays the admin's (and the owner still cannot lift it).
-        if record.locked and is_owner:
-            return
-        self.store.update_server(
-            record.uuid, touch=True, locked_by="owner" if is_owner else "admin"
-        )
-        self._record_instant_action(ctx, record, "lock")
+        by = "owner" if record.project_id == ctx.project_id else "admin"
+        try:
+            self.store.lock(record.uuid, by=by, start=_start(ctx))
+        except ServerGone:
+            raise exc.InstanceNotFound(server_id) from None
 
     def unlock(self, ctx: Context, server_id: str) -> None:
         record = self.get_instance(ctx, server_id)
@@ -225,26 +239,23 @@ class ComputeService:
         # Nova's compute API is_expected_locked_by: an owner cannot lift an
         # admin's lock without unlock_override.
         expected = "owner" if record.project_id == ctx.project_id else "admin"
-        if record.locked_by and record.locked_by != expected:
-            self.policy.authorize(rules.UNLOCK_OVERRIDE, _target(record), ctx.credentials)
-        self.store.update_server(record.uuid, touch=True, locked_by=None)
-        self._record_instant_action(ctx, record, "unlock")
+        may_lift = {expected}
+        if self.policy.allowed(rules.UNLOCK_OVERRIDE, _target(record), ctx.credentials):
+            may_lift |= {"owner", "admin"}
+        try:
+            self.store.unlock(record.uuid, may_lift=frozenset(may_lift), start=_start(ctx))
+        except ServerGone:
+            raise exc.InstanceNotFound(server_id) from None
+        except LockedByOther:
+            raise exc.PolicyNotAuthorized(rules.UNLOCK_OVERRIDE) from None
 
     def reset_state(self, ctx: Context, server_id: str, state: str) -> None:
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.RESET_STATE, {"project_id": record.project_id}, ctx.credentials)
-        self._record_instant_action(ctx, record, "resetState")
-        self.store.update_server(record.uuid, touch=True, vm_state_override=RESET_STATES[state])
-
-    def _record_instant_action(self, ctx: Context, record: ServerRecord, action: str) -> None:
-        self.store.start_action(
-            request_id=ctx.request_id,
-            instance_uuid=record.uuid,
-            action=action,
-            user_id=ctx.user_id,
-            project_id=ctx.project_id,
-            finished=True,
-        )
+        try:
+            self.store.reset_vm_state(record.uuid, RESET_STATES[state], _start(ctx))
+        except ServerGone:
+            raise exc.InstanceNotFound(server_id) from None
 
     # Instance actions
 
@@ -294,20 +305,22 @@ class ComputeService:
             driver_info=spec.get("driver_info", {}),
             source="api",
         )
-        if self.store.get_server(record.uuid) is not None:
+        if not self.store.add_server(record):
             raise exc.DuplicateServer(f"A server with uuid {record.uuid} already exists.")
-        self.store.add_server(record)
         return record
 
     def unregister_server(self, ctx: Context, server_id: str) -> None:
+        """Remove a server and everything it owned; 409 while its NMI is on its way."""
         self._authorize_manage(ctx)
         record = self.get_instance(ctx, server_id)
-        self.store.delete_server(record.uuid)
+        try:
+            self.store.delete_server(record.uuid)
+        except NMIOnItsWay:
+            raise exc.Conflict(
+                f"An NMI to instance {record.uuid} is being sent; "
+                "remove the server once its crash dump event has ended."
+            ) from None
         self.backends.forget(record.uuid)
-
-    def _server_lock(self, server_uuid: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._server_locks.setdefault(server_uuid, threading.Lock())
 
 
 def build_server_record(
@@ -365,8 +378,29 @@ def _brief(error: ValueError) -> str:
     return str(error)
 
 
-def _static_view(record: ServerRecord) -> ServerView:
-    return ServerView(record, PowerState(record.last_power_state), "active")
+def stored_view(record: ServerRecord) -> ServerView:
+    """The server as the state file has it, kept current by the power-state sync."""
+    power = PowerState(record.last_power_state)
+    return ServerView(record, power, record.vm_state_override or VM_STATE_FOR_POWER[power])
+
+
+def _start(ctx: Context) -> ActionStart:
+    return ActionStart(request_id=ctx.request_id, user_id=ctx.user_id, project_id=ctx.project_id)
+
+
+def _cooling_down(server_uuid: str, elapsed: float, guard: NMIGuardConfig) -> exc.NMIGuardActive:
+    return exc.NMIGuardActive(
+        f"A crash dump of instance {server_uuid} was triggered {elapsed:.0f} s ago; "
+        f"crashlab waits {guard.cooldown_seconds:g} s before another NMI so a "
+        "running kdump is not interrupted."
+    )
+
+
+def _dump_in_progress(server_uuid: str) -> exc.NMIGuardActive:
+    return exc.NMIGuardActive(
+        f"A crash dump of instance {server_uuid} is still in progress; "
+        "crashlab sends one NMI at a time."
+    )
 
 
 def _target(record: ServerRecord) -> dict[str, str]:

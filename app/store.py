@@ -2,6 +2,12 @@
 
 Every write is its own committed transaction, so a 202 is only sent after its
 action is on disk (WAL mode: a killed process loses nothing committed).
+
+Several ``crashlab serve`` processes may share one state file, so every
+decision that reads and then writes (the storm guard, a lock, a delete) is one
+write transaction begun with ``BEGIN IMMEDIATE``: SQLite's write lock is taken
+before the read, and no other process can decide in between. Nothing relies
+on a lock inside one process.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +26,12 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
     create_engine,
+    delete,
     event,
+    inspect,
+    or_,
     select,
     update,
 )
@@ -55,6 +66,10 @@ class ServerRecord(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_crash_dump_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # The background power-state sync: when this server is next due, and when
+    # its state was last read from the backend.
+    power_sync_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    power_synced_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     @property
     def locked(self) -> bool:
@@ -90,7 +105,76 @@ class ActionEvent(Base):
     traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[str | None] = mapped_column(Text, nullable=True)
     host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The process that runs the event (see ServiceLease), and since when its
+    # NMI is being sent: a server is not deleted under an NMI on its way.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sending_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     action: Mapped[InstanceAction] = relationship(back_populates="events")
+
+
+class ServiceLease(Base):
+    """A live ``crashlab serve`` process, renewed while it runs.
+
+    Its unfinished events are failed only once its lease has lapsed, so one
+    process never fails the work of a live sibling.
+    """
+
+    __tablename__ = "service_leases"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    # The kernel's start time of that pid (/proc/<pid>/stat), so a reused pid
+    # is not mistaken for the process.
+    pid_started: Mapped[int] = mapped_column(Integer)
+    renewed_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class ServerGone(Exception):
+    """The server was deleted before the decision."""
+
+
+class ServerLocked(Exception):
+    """The server is locked, and the caller may not pass a lock."""
+
+
+class LockedByOther(Exception):
+    def __init__(self, locked_by: str) -> None:
+        super().__init__(locked_by)
+        self.locked_by = locked_by
+
+
+class DumpInProgress(Exception):
+    """A crash dump of the server is still running."""
+
+
+class DumpCoolingDown(Exception):
+    def __init__(self, elapsed: float) -> None:
+        super().__init__(elapsed)
+        self.elapsed = elapsed
+
+
+class NMIOnItsWay(Exception):
+    """An NMI to the server is being sent right now."""
+
+
+@dataclass(frozen=True)
+class ActionStart:
+    """Who starts an action, and its request id: the fields Nova records."""
+
+    request_id: str
+    user_id: str
+    project_id: str
+
+    def record(self, instance_uuid: str, action: str, now: dt.datetime) -> InstanceAction:
+        return InstanceAction(
+            request_id=self.request_id,
+            instance_uuid=instance_uuid,
+            action=action,
+            user_id=self.user_id,
+            project_id=self.project_id,
+            start_time=now,
+        )
 
 
 class Store:
@@ -101,12 +185,23 @@ class Store:
         self.engine = create_engine(
             f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
         )
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "connect", _sqlite_connect)
+        event.listen(self.engine, "begin", _sqlite_begin)
+        # Connections of this engine begin with BEGIN IMMEDIATE (see _sqlite_begin).
+        self._writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """A read transaction (or a write that decides nothing from what it reads)."""
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A write transaction holding SQLite's write lock from its first statement."""
+        with Session(self._writer, expire_on_commit=False) as session, session.begin():
             yield session
 
     # Servers
@@ -126,13 +221,17 @@ class Store:
         with self.session() as session:
             return list(session.scalars(query))
 
-    def add_server(self, record: ServerRecord) -> None:
-        with self.session() as session:
+    def add_server(self, record: ServerRecord) -> bool:
+        """Add a new server; False if its uuid is taken."""
+        with self.transaction() as session:
+            if session.get(ServerRecord, record.uuid) is not None:
+                return False
             session.add(record)
+            return True
 
     def upsert_config_server(self, record: ServerRecord) -> None:
         """Refresh a config server's static fields, keeping its runtime state."""
-        with self.session() as session:
+        with self.transaction() as session:
             existing = session.get(ServerRecord, record.uuid)
             if existing is None:
                 session.add(record)
@@ -141,67 +240,170 @@ class Store:
                 setattr(existing, field, getattr(record, field))
 
     def delete_server(self, server_uuid: str) -> bool:
-        with self.session() as session:
-            record = session.get(ServerRecord, server_uuid)
-            if record is None:
+        """Delete a server with all it owned: its actions and their events.
+
+        A re-registered uuid starts with no history. Refused with NMIOnItsWay
+        while an NMI to it is being sent, so none reaches a deleted server.
+        """
+        with self.transaction() as session:
+            if session.get(ServerRecord, server_uuid) is None:
                 return False
-            session.delete(record)
+            action_ids = select(InstanceAction.id).where(
+                InstanceAction.instance_uuid == server_uuid
+            )
+            sending = session.scalars(
+                select(ActionEvent.id).where(
+                    ActionEvent.action_id.in_(action_ids),
+                    ActionEvent.sending_since.is_not(None),
+                    ActionEvent.finish_time.is_(None),
+                )
+            ).first()
+            if sending is not None:
+                raise NMIOnItsWay()
+            session.execute(delete(ActionEvent).where(ActionEvent.action_id.in_(action_ids)))
+            session.execute(
+                delete(InstanceAction).where(InstanceAction.instance_uuid == server_uuid)
+            )
+            session.execute(delete(ServerRecord).where(ServerRecord.uuid == server_uuid))
             return True
 
-    def update_server(self, server_uuid: str, *, touch: bool = False, **values: Any) -> None:
-        """Set fields; ``touch`` also bumps ``updated_at``, as a Nova instance.save() would.
-
-        Bookkeeping (power state cache, NMI guard) does not touch: Nova's
-        trigger_crash_dump never saves the instance.
-        """
-        if touch:
-            values["updated_at"] = utcnow()
-        with self.session() as session:
-            session.execute(
-                update(ServerRecord).where(ServerRecord.uuid == server_uuid).values(**values)
-            )
-
-    # Instance actions
-
-    def start_action(
-        self,
-        *,
-        request_id: str,
-        instance_uuid: str,
-        action: str,
-        user_id: str,
-        project_id: str,
-        event_name: str | None = None,
-        host: str | None = None,
-        finished: bool = False,
-        stamp_server: str | None = None,
-    ) -> InstanceAction:
-        """Record an action and, optionally, its first event, in one transaction.
-
-        ``stamp_server`` names a column of the instance's server record set to
-        the action's start time in the same transaction (one commit, not two).
-        """
+    def record_power_states(self, states: dict[str, int]) -> None:
+        """Record states read from the backends (bookkeeping: ``updated_at`` stays)."""
         now = utcnow()
-        record = InstanceAction(
-            request_id=request_id,
-            instance_uuid=instance_uuid,
-            action=action,
-            user_id=user_id,
-            project_id=project_id,
-            start_time=now,
-            updated_at=now if finished else None,
-        )
-        if event_name is not None:
-            record.events.append(ActionEvent(event=event_name, start_time=now, host=host))
         with self.session() as session:
-            session.add(record)
-            if stamp_server is not None:
+            for server_uuid, power_state in states.items():
                 session.execute(
                     update(ServerRecord)
-                    .where(ServerRecord.uuid == instance_uuid)
-                    .values({stamp_server: now})
+                    .where(ServerRecord.uuid == server_uuid)
+                    .values(last_power_state=power_state, power_synced_at=now)
                 )
-        return record
+
+    def clear_nmi_cooldown(self, server_uuid: str) -> None:
+        with self.session() as session:
+            session.execute(
+                update(ServerRecord)
+                .where(ServerRecord.uuid == server_uuid)
+                .values(last_crash_dump_at=None)
+            )
+
+    def claim_power_syncs(self, interval_seconds: float) -> list[ServerRecord]:
+        """The servers due a power-state read, each claimed by one process only."""
+        now = utcnow()
+        with self.transaction() as session:
+            due = list(
+                session.scalars(
+                    select(ServerRecord).where(
+                        or_(
+                            ServerRecord.power_sync_due_at.is_(None),
+                            ServerRecord.power_sync_due_at <= now,
+                        )
+                    )
+                )
+            )
+            for record in due:
+                record.power_sync_due_at = now + dt.timedelta(seconds=interval_seconds)
+            return due
+
+    # Decisions: each is one write transaction.
+
+    def lock(self, server_uuid: str, *, by: str, start: ActionStart) -> None:
+        """Nova's lock: an owner's lock never replaces a lock; an admin's replaces an owner's."""
+        with self.transaction() as session:
+            record = session.get(ServerRecord, server_uuid)
+            if record is None:
+                raise ServerGone()
+            if record.locked and by == "owner":
+                return
+            record.locked_by = by
+            self._instant_action(session, record, "lock", start)
+
+    def unlock(self, server_uuid: str, *, may_lift: frozenset[str], start: ActionStart) -> None:
+        """Lift a lock placed by one of ``may_lift``; LockedByOther names any other locker."""
+        with self.transaction() as session:
+            record = session.get(ServerRecord, server_uuid)
+            if record is None:
+                raise ServerGone()
+            if record.locked_by is not None and record.locked_by not in may_lift:
+                raise LockedByOther(record.locked_by)
+            record.locked_by = None
+            self._instant_action(session, record, "unlock", start)
+
+    def reset_vm_state(self, server_uuid: str, vm_state: str | None, start: ActionStart) -> None:
+        with self.transaction() as session:
+            record = session.get(ServerRecord, server_uuid)
+            if record is None:
+                raise ServerGone()
+            record.vm_state_override = vm_state
+            self._instant_action(session, record, "resetState", start)
+
+    @staticmethod
+    def _instant_action(
+        session: Session, record: ServerRecord, action: str, start: ActionStart
+    ) -> None:
+        # An action that ends as it starts, saving the instance as Nova's does.
+        now = utcnow()
+        record.updated_at = now
+        instant = start.record(record.uuid, action, now)
+        instant.updated_at = now
+        session.add(instant)
+
+    def start_crash_dump(
+        self,
+        server_uuid: str,
+        *,
+        start: ActionStart,
+        event_name: str,
+        host: str,
+        owner: str,
+        refuse_locked: bool,
+        cooldown_seconds: float | None,
+    ) -> InstanceAction:
+        """Record a trigger_crash_dump and its running event, if the server takes one.
+
+        Raises ServerGone, ServerLocked (when ``refuse_locked``), and, unless
+        ``cooldown_seconds`` is None (the storm guard bypassed or off),
+        DumpInProgress or DumpCoolingDown. The guard's verdict and the new
+        event are one transaction, so two triggers never both pass.
+        """
+        now = utcnow()
+        with self.transaction() as session:
+            record = session.get(ServerRecord, server_uuid)
+            if record is None:
+                raise ServerGone()
+            if refuse_locked and record.locked:
+                raise ServerLocked()
+            if cooldown_seconds is not None:
+                if _running_events(session, server_uuid, event_name):
+                    raise DumpInProgress()
+                if record.last_crash_dump_at is not None:
+                    elapsed = (now - record.last_crash_dump_at).total_seconds()
+                    if elapsed < cooldown_seconds:
+                        raise DumpCoolingDown(elapsed)
+            action = start.record(server_uuid, "trigger_crash_dump", now)
+            action.events.append(
+                ActionEvent(event=event_name, start_time=now, host=host, owner=owner)
+            )
+            session.add(action)
+            record.last_crash_dump_at = now
+        return action
+
+    def running_event_count(self, instance_uuid: str, event_name: str) -> int:
+        with self.session() as session:
+            return _running_events(session, instance_uuid, event_name)
+
+    def begin_sending(self, event_id: int) -> bool:
+        """Mark an event's NMI as on its way; False if the event or its server is gone."""
+        now = utcnow()
+        with self.transaction() as session:
+            row = session.get(ActionEvent, event_id)
+            if row is None or row.finish_time is not None:
+                return False
+            if session.get(ServerRecord, row.action.instance_uuid) is None:
+                return False
+            row.sending_since = now
+            return True
+
+    # Instance actions
 
     def finish_event(
         self,
@@ -214,7 +416,7 @@ class Store:
         """Finish a running event; a failed one marks its action's message Error.
 
         Returns False when the event was already finished (the result came too
-        late, after a timeout or a restart recorded it).
+        late, after a timeout or a restart recorded it) or is gone with its server.
         """
         now = utcnow()
         with self.session() as session:
@@ -236,29 +438,6 @@ class Store:
                 .values(**values)
             )
         return True
-
-    def fail_unfinished_events(self, details: str) -> int:
-        """Mark every running event Error; run at start-up, never re-sending anything."""
-        with self.session() as session:
-            ids = list(
-                session.scalars(select(ActionEvent.id).where(ActionEvent.finish_time.is_(None)))
-            )
-        for event_id in ids:
-            self.finish_event(event_id, result="Error", details=details)
-        return len(ids)
-
-    def running_event_count(self, instance_uuid: str, event_name: str) -> int:
-        query = (
-            select(ActionEvent.id)
-            .join(InstanceAction)
-            .where(
-                InstanceAction.instance_uuid == instance_uuid,
-                ActionEvent.event == event_name,
-                ActionEvent.finish_time.is_(None),
-            )
-        )
-        with self.session() as session:
-            return len(list(session.scalars(query)))
 
     def list_actions(self, instance_uuid: str) -> list[InstanceAction]:
         # Newest first, as Nova's instance_actions_get orders them.
@@ -282,10 +461,81 @@ class Store:
         with self.session() as session:
             return session.scalars(query).first()
 
+    # Service leases
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    def renew_lease(self, lease: ServiceLease) -> None:
+        with self.session() as session:
+            session.merge(lease)
+
+    def end_lease(self, lease_id: str) -> None:
+        with self.session() as session:
+            session.execute(delete(ServiceLease).where(ServiceLease.id == lease_id))
+
+    def list_leases(self) -> list[ServiceLease]:
+        with self.session() as session:
+            return list(session.scalars(select(ServiceLease)))
+
+    def fail_orphaned_events(self, live_owners: set[str], details: str) -> int:
+        """Fail every running event whose owner is not among ``live_owners``.
+
+        Never re-sends anything; the dead owners' leases are removed with them.
+        """
+        with self.transaction() as session:
+            ids = list(
+                session.scalars(
+                    select(ActionEvent.id).where(
+                        ActionEvent.finish_time.is_(None),
+                        or_(ActionEvent.owner.is_(None), ActionEvent.owner.not_in(live_owners)),
+                    )
+                )
+            )
+            session.execute(delete(ServiceLease).where(ServiceLease.id.not_in(live_owners)))
+        for event_id in ids:
+            self.finish_event(event_id, result="Error", details=details)
+        return len(ids)
+
+
+def _running_events(session: Session, instance_uuid: str, event_name: str) -> int:
+    query = (
+        select(ActionEvent.id)
+        .join(InstanceAction)
+        .where(
+            and_(
+                InstanceAction.instance_uuid == instance_uuid,
+                ActionEvent.event == event_name,
+                ActionEvent.finish_time.is_(None),
+            )
+        )
+    )
+    return len(list(session.scalars(query)))
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own implicit BEGIN is turned off; _sqlite_begin emits it.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # SQLAlchemy's documented recipe for SQLite transactions, with IMMEDIATE
+    # for the write engine: the write lock is held from the first read.
+    mode = connection.get_execution_options().get("sqlite_begin", "")
+    connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def _add_missing_columns(engine: Any) -> None:
+    """Columns added since a state file was created, added to it (all nullable)."""
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.exec_driver_sql(
+                        f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'
+                    )

@@ -132,6 +132,11 @@ class Driver:
         self.server_id = server_id
         self.settings = settings
 
+    @property
+    def backend_id(self) -> str:
+        """What this driver talks to; servers behind one backend share its bulkhead."""
+        return f"{self.name}:{self.server_id}"
+
     def get_power_state(self) -> PowerState:
         """Read the server's power state live from the backend."""
         raise NotImplementedError

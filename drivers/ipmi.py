@@ -386,6 +386,10 @@ class IPMIDriver(Driver):
         super().__init__(server_id, settings)
         self.bmc = f"{self.settings.address}:{self.settings.port}"
 
+    @property
+    def backend_id(self) -> str:
+        return f"ipmi:{self.bmc}"
+
     def get_power_state(self) -> PowerState:
         on = self._call(self._chassis_power_on, "reading the power state")
         return PowerState.RUNNING if on else PowerState.SHUTDOWN

@@ -54,14 +54,23 @@ class LibvirtSettings(DriverSettings):
 
 
 class _Connections:
-    """One open connection per URI, reopened when it has died."""
+    """One open connection per URI, reopened when it has died.
+
+    Each URI has its own lock: a URI whose ``libvirt.open`` hangs holds up
+    only the callers of that URI, never those of another.
+    """
 
     def __init__(self) -> None:
         self._connections: dict[str, libvirt.virConnect] = {}
+        self._uri_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, uri: str) -> libvirt.virConnect:
+    def _uri_lock(self, uri: str) -> threading.Lock:
         with self._lock:
+            return self._uri_locks.setdefault(uri, threading.Lock())
+
+    def get(self, uri: str) -> libvirt.virConnect:
+        with self._uri_lock(uri):
             conn = self._connections.get(uri)
             if conn is not None and _alive(conn):
                 return conn
@@ -75,7 +84,7 @@ class _Connections:
             return conn
 
     def discard(self, uri: str) -> None:
-        with self._lock:
+        with self._uri_lock(uri):
             self._connections.pop(uri, None)
 
 
@@ -100,6 +109,10 @@ class LibvirtDriver(Driver):
         assert isinstance(settings, LibvirtSettings)
         self.uri = settings.uri
         self.domain_name = settings.domain
+
+    @property
+    def backend_id(self) -> str:
+        return f"libvirt:{self.uri}"
 
     def get_power_state(self) -> PowerState:
         state, _reason = self._call(lambda dom: dom.state())

@@ -100,6 +100,10 @@ class RedfishDriver(Driver):
 
     settings: RedfishSettings
 
+    @property
+    def backend_id(self) -> str:
+        return f"redfish:{self.settings.address}"
+
     def get_power_state(self) -> PowerState:
         return self._call(lambda call: self._power_state(self._system()), "reading the power state")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,9 +19,11 @@ from app.config import Config, ConfigError
 from app.crypto import SecretBox, load_or_create_key
 from app.dispatch import CrashDumpDispatcher
 from app.identity import TokenStore
+from app.leases import ProcessLease
 from app.policy import PolicyEnforcer
 from app.service import ComputeService, build_server_record
 from app.store import Store
+from app.sync import PowerStateSync
 
 LOG = logging.getLogger(__name__)
 
@@ -34,17 +37,29 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
         raise ConfigError(f"policy_file: {policy_path} does not exist")
     store = Store(state_path)
     box = SecretBox(load_or_create_key(config.fernet_key, state_path.with_suffix(".key")))
-    backends = Backends(box, workers=config.driver_workers)
-    compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box)
+    backends = Backends(box, config.backends)
+    lease = ProcessLease(store, config.lease_seconds)
+    compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box, lease.id)
     dispatcher = CrashDumpDispatcher(compute, backends, timeout=config.driver_timeout_seconds)
+    sync = PowerStateSync(store, backends, config)
     _load_inventory(config, store, box)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        recovered = dispatcher.recover()
+        lease.renew()
+        recovered = lease.fail_orphaned_events()
         if recovered:
             LOG.warning("%d crash dump event(s) were left running; marked Error", recovered)
+        # One bounded pass before serving, so the first reads show real states.
+        await sync.run_once()
+        background = [
+            asyncio.create_task(sync.run_forever()),
+            asyncio.create_task(lease.keep()),
+        ]
         yield
+        for task in background:
+            task.cancel()
+        lease.end()
         backends.close()
 
     app = FastAPI(

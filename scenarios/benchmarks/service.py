@@ -71,9 +71,8 @@ class FinishedEvent:
 class BenchService:
     """One ``crashlab serve`` child process; stopped on exit."""
 
-    def __init__(self, workdir: Path, *, driver_workers: int = 256) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.driver_workers = driver_workers
         self.port = free_port()
         self.password = secrets.token_urlsafe(12)
         self.startup_s = 0.0
@@ -296,7 +295,6 @@ class BenchService:
     def _config(self) -> dict[str, Any]:
         return {
             "host_name": "bench",
-            "driver_workers": self.driver_workers,
             "nmi_guard": {"enabled": False},
             "identity": {
                 "users": [
