@@ -194,7 +194,8 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A read transaction (or a write that decides nothing from what it reads)."""
+        """A read transaction. Writes use ``transaction``: a read that later writes
+        would fail at once ("database is locked") if another process wrote between."""
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
@@ -270,7 +271,7 @@ class Store:
     def record_power_states(self, states: dict[str, int]) -> None:
         """Record states read from the backends (bookkeeping: ``updated_at`` stays)."""
         now = utcnow()
-        with self.session() as session:
+        with self.transaction() as session:
             for server_uuid, power_state in states.items():
                 session.execute(
                     update(ServerRecord)
@@ -279,7 +280,7 @@ class Store:
                 )
 
     def clear_nmi_cooldown(self, server_uuid: str) -> None:
-        with self.session() as session:
+        with self.transaction() as session:
             session.execute(
                 update(ServerRecord)
                 .where(ServerRecord.uuid == server_uuid)
@@ -419,7 +420,7 @@ class Store:
         late, after a timeout or a restart recorded it) or is gone with its server.
         """
         now = utcnow()
-        with self.session() as session:
+        with self.transaction() as session:
             finished = session.execute(
                 update(ActionEvent)
                 .where(ActionEvent.id == event_id, ActionEvent.finish_time.is_(None))
@@ -464,11 +465,11 @@ class Store:
     # Service leases
 
     def renew_lease(self, lease: ServiceLease) -> None:
-        with self.session() as session:
+        with self.transaction() as session:
             session.merge(lease)
 
     def end_lease(self, lease_id: str) -> None:
-        with self.session() as session:
+        with self.transaction() as session:
             session.execute(delete(ServiceLease).where(ServiceLease.id == lease_id))
 
     def list_leases(self) -> list[ServiceLease]:

@@ -1,0 +1,140 @@
+"""One tenant's hung backend, flooded by that tenant, does not slow another tenant.
+
+Each hung backend is a real listener that takes the connection or the packet
+and never answers: a TCP port behind ``qemu+ssh`` (libvirt spawns ssh, which
+waits for a banner that never comes), a TCP port behind a Redfish URL, and a
+UDP port behind an IPMI address. alice owns a server on it, with the longest
+timeout crashlab allows (60 s), and floods it with reads and triggers from 20
+clients. Meanwhile bob's server, on another backend, must answer his GETs and
+finish his triggers' events within 1 s each.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.live import LiveServer
+from tests.reliability.cloud import (
+    cloud_config,
+    config_server_id,
+    fake_server,
+    trigger,
+    wait_for_action,
+)
+
+FLOOD_SECONDS = 6.0
+FLOOD_CLIENTS = 20
+BOUND_SECONDS = 1.0
+
+
+@contextmanager
+def silent_listener(kind: int) -> Iterator[int]:
+    """A loopback port that takes connections (TCP) or packets (UDP) and never answers."""
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind(("127.0.0.1", 0))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(512)  # the kernel completes the handshakes; nobody reads
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def _hung_server(kind: str, port: int) -> dict[str, Any]:
+    if kind == "libvirt":
+        info: dict[str, Any] = {"uri": f"qemu+ssh://127.0.0.1:{port}/system", "domain": "hung"}
+    elif kind == "redfish":
+        info = {
+            "address": f"http://127.0.0.1:{port}",
+            "username": "admin",
+            "password": "hung-bmc-password",
+            "timeout": 60,
+        }
+    else:
+        info = {
+            "address": "127.0.0.1",
+            "port": port,
+            "username": "admin",
+            "password": "hung-password",
+            "timeout": 60,
+        }
+    return {
+        "name": "hung",
+        "project_id": "alice",
+        "user_id": "alice",
+        "driver": kind,
+        "driver_info": info,
+    }
+
+
+def _flood(cloud: LiveServer, server_id: str, stop: threading.Event) -> int:
+    """alice's clients read and trigger her hung server until ``stop``; the request count."""
+    sent = 0
+    with cloud.client("alice") as alice:
+        while not stop.is_set():
+            alice.get(f"/servers/{server_id}")
+            alice.get("/servers/detail")
+            trigger(alice, server_id)
+            sent += 3
+    return sent
+
+
+def _bob_round(cloud: LiveServer, bob: httpx.Client, admin: httpx.Client, server: str) -> float:
+    """One GET and one trigger-to-event of bob's server; the slower of the two, in seconds."""
+    started = time.monotonic()
+    assert bob.get(f"/servers/{server}").status_code == 200
+    read = time.monotonic() - started
+    started = time.monotonic()
+    response = trigger(bob, server)
+    assert response.status_code == 202, response.text
+    action = wait_for_action(admin, server, response.headers["x-openstack-request-id"])
+    assert action["events"][0]["result"] == "Success", action
+    return max(read, time.monotonic() - started)
+
+
+@pytest.mark.parametrize("kind", ["libvirt", "redfish", "ipmi"])
+def test_a_hung_backend_flooded_by_one_tenant_does_not_slow_another(
+    kind: str, crashlab_server: Callable[..., LiveServer]
+) -> None:
+    socket_kind = socket.SOCK_DGRAM if kind == "ipmi" else socket.SOCK_STREAM
+    with silent_listener(socket_kind) as port:
+        config = cloud_config(
+            extra_servers=[_hung_server(kind, port), fake_server("bob-fast", owner="bob")],
+            nmi_guard={"enabled": True, "cooldown_seconds": 0},
+            power_sync={"interval_seconds": 1},
+        )
+        cloud = crashlab_server(config)
+        hung, fast = config_server_id("hung"), config_server_id("bob-fast")
+        with cloud.client("bob") as bob, cloud.client("admin") as admin:
+            quiet = [_bob_round(cloud, bob, admin, fast) for _ in range(3)]
+            stop = threading.Event()
+            with ThreadPoolExecutor(FLOOD_CLIENTS) as pool:
+                floods = [pool.submit(_flood, cloud, hung, stop) for _ in range(FLOOD_CLIENTS)]
+                time.sleep(1.0)  # the flood is under way before bob is measured
+                loud = []
+                deadline = time.monotonic() + FLOOD_SECONDS
+                while time.monotonic() < deadline:
+                    loud.append(_bob_round(cloud, bob, admin, fast))
+                stop.set()
+                flood_requests = sum(f.result() for f in floods)
+            # The hung server's own trigger is still in flight, as it should be.
+            actions = admin.get(f"/servers/{hung}/os-instance-actions").json()
+            assert [a["action"] for a in actions["instanceActions"]] == ["trigger_crash_dump"]
+    print(
+        f"{kind}: {flood_requests} flood requests; bob's slowest quiet {max(quiet):.3f} s, "
+        f"under the flood median {statistics.median(loud):.3f} s, max {max(loud):.3f} s "
+        f"over {len(loud)} rounds"
+    )
+    assert flood_requests > 100
+    assert max(loud) < BOUND_SECONDS, loud
+    assert "Traceback" not in cloud.log_path.read_text()
