@@ -120,6 +120,11 @@ class Bulkhead:
         future.add_done_callback(self._done)
         return future
 
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return self._in_flight == 0
+
     def _done(self, _future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._in_flight -= 1
@@ -192,7 +197,13 @@ class Backends:
         return future
 
     def power_state(self, record: ServerRecord, timeout: float) -> PowerState | None:
-        """The live power state, or None if it cannot be read within ``timeout``."""
+        """The live power state, or None if it cannot be read within ``timeout``.
+
+        Only an idle backend is read: while earlier calls to it are still out,
+        a caller does not add its wait to theirs, and gets None at once.
+        """
+        if not self.bulkhead(self.driver_for(record)).idle:
+            return None
         try:
             future = self.submit_power_state(record)
             return future.result(timeout=timeout)

@@ -31,6 +31,7 @@ from scenarios.benchmarks import (
     api_overhead,
     footprint,
     ipmi_fleet,
+    noisy_neighbour,
     redfish_fleet,
     scenario_cost,
     vbmc_guests,
@@ -44,6 +45,7 @@ SECTIONS = (
     "redfish_fleet",
     "ipmi_rounds",
     "vbmc_rounds",
+    "noisy_neighbour",
     "scenario",
     "footprint",
 )
@@ -63,6 +65,7 @@ class Plan:
     rounds: int  # IPMI rounds per service, each of ``rounds_n`` BMCs at once
     rounds_n: int
     vbmc_rounds: int  # rounds of vbmc_guests.GUESTS guests behind virtualbmc
+    neighbour_s: float  # seconds of the neighbour's rounds, alone and then flooded
 
 
 FULL = Plan(
@@ -76,6 +79,7 @@ FULL = Plan(
     rounds=10,
     rounds_n=200,
     vbmc_rounds=3,
+    neighbour_s=15.0,
 )
 QUICK = Plan(
     "quick",
@@ -88,6 +92,7 @@ QUICK = Plan(
     rounds=2,
     rounds_n=50,
     vbmc_rounds=0,
+    neighbour_s=5.0,
 )
 
 
@@ -177,6 +182,12 @@ def run_bench(
                 ),
             )
             errors += _wrong_rounds("vbmc_rounds", report["vbmc_rounds"])
+        if "noisy_neighbour" in sections:
+            report["noisy_neighbour"] = measure(
+                "noisy_neighbour",
+                f"noisy neighbour, {plan.neighbour_s:g} s alone then flooded",
+                lambda: noisy_neighbour.run(service, plan.neighbour_s),
+            )
         loaded_rss_mb = service.rss_mb()
     if "footprint" in sections:
         started = measure(
@@ -265,6 +276,14 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 result["exact"] and result["errors"] == 0,
                 f"{len(result['rounds'])} rounds of {result['n']}, {result['errors']} errors",
             ))  # fmt: skip
+    neighbour = report["noisy_neighbour"]
+    if neighbour:
+        found.append(_target(
+            "another tenant's p99 under a hung-BMC flood within 2x of its p99 alone",
+            max(neighbour["get_p99_ratio"], neighbour["trigger_to_event_p99_ratio"]) <= 2,
+            f"GET {neighbour['get_p99_ratio']}x, trigger to event "
+            f"{neighbour['trigger_to_event_p99_ratio']}x",
+        ))  # fmt: skip
     scenario = report["scenario"]
     if scenario:
         found.append(_target(
@@ -277,6 +296,20 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _target(name: str, met: bool, figure: str) -> dict[str, Any]:
     return {"target": name, "met": bool(met), "figure": figure}
+
+
+def _render_neighbour(result: dict[str, Any]) -> str:
+    lines = [
+        f"Noisy neighbour ({result['flood_clients']} clients, {result['flood_requests']} "
+        "requests at a hung BMC)"
+    ]
+    for kind, what in (("get", "GET"), ("trigger_to_event", "trigger to event")):
+        lines.append(
+            f"  {what}: p50 {result[f'{kind}_alone_p50_ms']} -> {result[f'{kind}_flooded_p50_ms']}"
+            f" ms, p99 {result[f'{kind}_alone_p99_ms']} -> {result[f'{kind}_flooded_p99_ms']} ms"
+            f" ({result[f'{kind}_p99_ratio']}x)"
+        )
+    return "\n".join(lines)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -313,6 +346,7 @@ def render(report: dict[str, Any]) -> str:
             ("redfish_fleet", lambda e: _render_fleet("Redfish fleet", "curl", "curl_s", e)),
             ("ipmi_rounds", lambda r: _render_rounds("IPMI rounds (simulated BMCs)", r)),
             ("vbmc_rounds", lambda r: _render_rounds("virtualbmc rounds (NMIs on consoles)", r)),
+            ("noisy_neighbour", _render_neighbour),
             ("scenario", _render_scenario),
             ("footprint", _render_footprint),
         )

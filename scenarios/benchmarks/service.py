@@ -32,6 +32,8 @@ from emulators.process import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin"
+# A second tenant, for the comparisons of one tenant's load against another's.
+TENANT = "tenant"
 MICROVERSION = "compute 2.17"
 CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
 
@@ -167,13 +169,15 @@ class BenchService:
 
     # The API, as the benchmarks use it
 
-    def register(self, name: str, driver: str, driver_info: dict[str, Any]) -> str:
-        """Register a server in the admin project; returns its uuid."""
+    def register(
+        self, name: str, driver: str, driver_info: dict[str, Any], owner: str = ADMIN
+    ) -> str:
+        """Register a server owned by ``owner`` (its user and project); returns its uuid."""
         body = {
             "server": {
                 "name": name,
-                "project_id": ADMIN,
-                "user_id": ADMIN,
+                "project_id": owner,
+                "user_id": owner,
                 "driver": driver,
                 "driver_info": driver_info,
             }
@@ -266,20 +270,31 @@ class BenchService:
     def _headers(self) -> dict[str, str]:
         return {"X-Auth-Token": self._token, "OpenStack-API-Version": MICROVERSION}
 
-    def _authenticate(self) -> str:
+    def client(self, user: str) -> httpx.Client:
+        """A client of the compute API, authenticated as ``user`` (ADMIN or TENANT)."""
+        return httpx.Client(
+            base_url=self.url + "/v2.1",
+            timeout=120.0,
+            headers={
+                "X-Auth-Token": self._authenticate(user),
+                "OpenStack-API-Version": MICROVERSION,
+            },
+        )
+
+    def _authenticate(self, user: str = ADMIN) -> str:
         body = {
             "auth": {
                 "identity": {
                     "methods": ["password"],
                     "password": {
                         "user": {
-                            "name": ADMIN,
+                            "name": user,
                             "password": self.password,
                             "domain": {"name": "Default"},
                         }
                     },
                 },
-                "scope": {"project": {"name": ADMIN, "domain": {"name": "Default"}}},
+                "scope": {"project": {"name": user, "domain": {"name": "Default"}}},
             }
         }
         response = httpx.post(f"{self.url}/identity/v3/auth/tokens", json=body, timeout=30)
@@ -303,7 +318,13 @@ class BenchService:
                         "password_hash": hash_password(self.password, rounds=4),
                         "project": ADMIN,
                         "roles": ["admin"],
-                    }
+                    },
+                    {
+                        "name": TENANT,
+                        "password_hash": hash_password(self.password, rounds=4),
+                        "project": TENANT,
+                        "roles": ["member"],
+                    },
                 ]
             },
         }

@@ -82,3 +82,15 @@ def test_footprint_and_no_scenario_when_quick(report: dict[str, Any]) -> None:
     assert report["scenario"] is None
     assert report["errors"] == []
     assert report["machine"]["nproc"] >= 1
+
+
+def test_noisy_neighbour_measures_the_other_tenant_alone_and_flooded(
+    report: dict[str, Any],
+) -> None:
+    neighbour = report["noisy_neighbour"]
+    assert neighbour["flood_requests"] > 0
+    assert neighbour["rounds_alone"] > 0 and neighbour["rounds_flooded"] > 0
+    for kind in ("get", "trigger_to_event"):
+        for label in ("alone", "flooded"):
+            assert 0 < neighbour[f"{kind}_{label}_p50_ms"] <= neighbour[f"{kind}_{label}_p99_ms"]
+        assert neighbour[f"{kind}_p99_ratio"] > 0
