@@ -119,6 +119,13 @@ class BackendsConfig(_Strict):
     breaker_reset_seconds: float = Field(30.0, gt=0, le=3600)
 
 
+class TenantRequestsConfig(_Strict):
+    """Each project's compute requests in flight (app/api/admission.py)."""
+
+    concurrency: int = Field(2, gt=0, le=1000)
+    queue: int = Field(1000, ge=0, le=100000, description="more wait than this: 429")
+
+
 class PowerSyncConfig(_Strict):
     """The background power-state sync, as Nova's _sync_power_states."""
 
@@ -135,6 +142,7 @@ class Config(_Strict):
     max_body_bytes: int = Field(65536, gt=0)
     backends: BackendsConfig = Field(default_factory=BackendsConfig)
     power_sync: PowerSyncConfig = Field(default_factory=PowerSyncConfig)
+    tenant_requests: TenantRequestsConfig = Field(default_factory=TenantRequestsConfig)
     # A process renews its lease every third of this; a lease this old is lapsed.
     lease_seconds: float = Field(15.0, ge=1, le=3600)
     driver_timeout_seconds: float = Field(60.0, gt=0)

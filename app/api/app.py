@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from app.api import extension, identity, instance_actions, servers, versions
+from app.api.admission import TenantAdmission
 from app.api.faults import install_fault_handlers
 from app.api.middleware import NovaHeadersMiddleware
 from app.api.openapi import install_openapi
@@ -76,6 +77,13 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     install_openapi(app, config)
     for module in (versions, identity, servers, instance_actions, extension):
         app.include_router(module.router)
+    app.add_middleware(
+        TenantAdmission,
+        project_of=app.state.tokens.project_of,
+        concurrency=config.tenant_requests.concurrency,
+        queue=config.tenant_requests.queue,
+    )
+    # Outermost, so every answer (a 429 from admission too) carries Nova's headers.
     app.add_middleware(NovaHeadersMiddleware, max_body_bytes=config.max_body_bytes)
     return app
 

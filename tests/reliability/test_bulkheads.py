@@ -138,3 +138,33 @@ def test_a_hung_backend_flooded_by_one_tenant_does_not_slow_another(
     assert flood_requests > 100
     assert max(loud) < BOUND_SECONDS, loud
     assert "Traceback" not in cloud.log_path.read_text()
+
+
+def test_a_projects_requests_beyond_its_share_get_429_and_other_projects_do_not(
+    crashlab_server: Callable[..., LiveServer],
+) -> None:
+    # One request of a project at a time, none waiting: alice's 20 clients at
+    # once overlap, so some are refused; bob, alongside, is never refused.
+    config = cloud_config(tenant_requests={"concurrency": 1, "queue": 0})
+    cloud = crashlab_server(config)
+    barrier = threading.Barrier(21)
+
+    def burst(user: str) -> list[httpx.Response]:
+        with cloud.client(user) as client:
+            barrier.wait()
+            return [client.get("/servers/detail") for _ in range(5)]
+
+    with ThreadPoolExecutor(21) as pool:
+        alices = [pool.submit(burst, "alice") for _ in range(20)]
+        bobs = pool.submit(burst, "bob")
+        alice_responses = [r for f in alices for r in f.result()]
+        bob_responses = bobs.result()
+    assert [r.status_code for r in bob_responses] == [200] * 5
+    refused = [r for r in alice_responses if r.status_code == 429]
+    assert refused and all(r.status_code in (200, 429) for r in alice_responses)
+    print(f"alice: {len(refused)} of {len(alice_responses)} refused; bob: none")
+    body = refused[0].json()["overLimit"]
+    assert body["code"] == 429 and body["retryAfter"] == "1"
+    assert "in flight" in body["message"]
+    assert refused[0].headers["retry-after"] == "1"
+    assert refused[0].headers["x-openstack-request-id"].startswith("req-")
