@@ -119,6 +119,10 @@ class Config(_Strict):
     max_body_bytes: int = Field(65536, gt=0)
     driver_workers: int = Field(256, gt=0)
     driver_timeout_seconds: float = Field(60.0, gt=0)
+    test_drivers: bool = Field(
+        False,
+        description="let the admin API register test backends: the fake drivers, test:///default",
+    )
     nmi_guard: NMIGuardConfig = Field(default_factory=NMIGuardConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     servers: list[ServerConfig] = []

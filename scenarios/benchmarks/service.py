@@ -298,6 +298,7 @@ class BenchService:
             "host_name": "bench",
             "driver_workers": self.driver_workers,
             "nmi_guard": {"enabled": False},
+            "test_drivers": True,  # api_overhead registers test:///default
             "identity": {
                 "users": [
                     {
