@@ -69,8 +69,8 @@ class RedfishSettings(DriverSettings):
         None,
         description="ComputerSystem id or path; optional when the BMC lists exactly one system",
     )
-    username: str
-    password: str
+    username: str = Field(max_length=255)
+    password: str = Field(max_length=255)
     verify_tls: bool = True
     ca_bundle: str | None = Field(
         None, description="CA certificate file to verify the BMC with, instead of the system's"
