@@ -21,7 +21,6 @@ import json
 import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -332,9 +331,7 @@ def _secret_registrations() -> tuple[dict[str, tuple[str, dict[str, Any]]], dict
     return servers, found
 
 
-def _refusals(
-    driver: str, info: dict[str, Any], duplicate: str
-) -> Iterator[tuple[str, int, dict[str, Any] | bytes]]:
+def _refusals(driver: str, info: dict[str, Any], duplicate: str) -> Iterator[tuple[str, int, Any]]:
     """(case, status, body) for every way registering this server is refused."""
     server = {"name": "x", "project_id": "alice", "user_id": "alice", "driver": driver}
     server |= {"driver_info": info}
@@ -348,7 +345,7 @@ def _refusals(
         {"server": server | {"name": {secret_field: info[secret_field]}}},
     )
     yield "server a list", 400, {"server": [server]}
-    yield "body a list", 400, [{"server": server}]  # type: ignore[misc]
+    yield "body a list", 400, [{"server": server}]
     yield "bad driver", 400, {"server": server | {"driver": "nope"}}
     yield "unknown field", 400, {"server": server | {"driver_info": info | {"colour": "red"}}}
     misspelt = {k: v for k, v in info.items() if k != secret_field}
