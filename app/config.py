@@ -146,6 +146,10 @@ class Config(_Strict):
     # A process renews its lease every third of this; a lease this old is lapsed.
     lease_seconds: float = Field(15.0, ge=1, le=3600)
     driver_timeout_seconds: float = Field(60.0, gt=0)
+    test_drivers: bool = Field(
+        False,
+        description="let the admin API register test backends: the fake drivers, test:///default",
+    )
     nmi_guard: NMIGuardConfig = Field(default_factory=NMIGuardConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     servers: list[ServerConfig] = []

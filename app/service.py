@@ -14,6 +14,8 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from app import exceptions as exc
 from app import policy as rules
 from app.backends import Backends, encrypt_secrets
@@ -34,7 +36,7 @@ from app.store import (
     utcnow,
 )
 from drivers import UnknownDriver, driver_class
-from drivers.base import PowerState
+from drivers.base import DriverSettings, PowerState, SettingsSource
 
 LOG = logging.getLogger(__name__)
 
@@ -304,6 +306,7 @@ class ComputeService:
             driver=spec["driver"],
             driver_info=spec.get("driver_info", {}),
             source="api",
+            test_drivers=self.config.test_drivers,
         )
         if not self.store.add_server(record):
             raise exc.DuplicateServer(f"A server with uuid {record.uuid} already exists.")
@@ -334,8 +337,13 @@ def build_server_record(
     driver: str,
     driver_info: dict[str, Any],
     source: str,
+    test_drivers: bool = False,
 ) -> ServerRecord:
-    """A validated server record, secrets encrypted; BadRequest if invalid."""
+    """A validated server record, secrets encrypted; BadRequest if invalid.
+
+    ``source`` is "config" or "api": settings from the admin API may not set
+    config-only fields, nor use test backends unless ``test_drivers``.
+    """
     if not _is_uuid_like(uuid):
         raise exc.ValidationFailed(f"Invalid input for field/attribute uuid. Value: {uuid}.")
     project_config = identity.project_by_name_or_id(project)
@@ -348,11 +356,12 @@ def build_server_record(
         cls = driver_class(driver)
     except UnknownDriver as error:
         raise exc.ValidationFailed(str(error)) from None
+    settings_source = SettingsSource(api=source == "api", test_drivers=test_drivers)
     try:
-        settings = cls.parse_settings(driver_info)
-    except ValueError as error:
+        settings = cls.parse_settings(driver_info, settings_source)
+    except ValidationError as error:
         raise exc.ValidationFailed(
-            f"Invalid driver_info for driver {driver}: {_brief(error)}"
+            f"Invalid driver_info for driver {driver}: {_brief(error, cls.settings_model)}"
         ) from None
     stored = encrypt_secrets(driver, settings.model_dump(mode="json", exclude_none=True), box)
     now = utcnow()
@@ -370,12 +379,26 @@ def build_server_record(
     )
 
 
-def _brief(error: ValueError) -> str:
-    errors = getattr(error, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-    return str(error)
+def _brief(error: ValidationError, model: type[DriverSettings]) -> str:
+    """The first error in Nova's words, echoing the value only of a known, non-secret field.
+
+    A missing field's "value" is the whole driver_info, and an unknown key may
+    be a misspelt password, so neither is echoed.
+    """
+    first = error.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:
+        return message
+    field = ".".join(str(part) for part in first["loc"])
+    value = first["input"]
+    if (
+        field in model.model_fields
+        and field not in model.secret_fields
+        and first["type"] != "missing"
+        and isinstance(value, str | int | float | bool)
+    ):
+        return f"Invalid input for field/attribute {field}. Value: {value}. {message}"
+    return f"Invalid input for field/attribute {field}. {message}"
 
 
 def stored_view(record: ServerRecord) -> ServerView:

@@ -25,9 +25,11 @@ that overrides ``trigger_crash_dump`` declares ``"nmi"``; the base method raises
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class DriverError(Exception):
@@ -107,13 +109,66 @@ class PowerState(enum.IntEnum):
     SUSPENDED = 7
 
 
-class DriverSettings(BaseModel):
-    """Connection settings of one server; each driver subclasses this."""
+@dataclass(frozen=True)
+class SettingsSource:
+    """Who hands crashlab a server's settings, which decides what they may hold.
 
-    model_config = ConfigDict(extra="forbid")
+    The operator's config file, and what crashlab stored itself, are trusted.
+    The admin API is not: it may set no config-only field (those name files on
+    crashlab's host), and may choose a test backend (the fake drivers,
+    libvirt's ``test:///default``) only where the config's ``test_drivers`` allows.
+    """
+
+    api: bool
+    test_drivers: bool
+
+    @property
+    def allows_test_backends(self) -> bool:
+        return not self.api or self.test_drivers
+
+
+TRUSTED = SettingsSource(api=False, test_drivers=True)
+
+
+def settings_source(info: ValidationInfo) -> SettingsSource:
+    """The source a validator runs for, as ``Driver.parse_settings`` passes it."""
+    source = (info.context or {}).get("source", TRUSTED)
+    assert isinstance(source, SettingsSource)
+    return source
+
+
+class DriverSettings(BaseModel):
+    """Connection settings of one server; each driver subclasses this.
+
+    Every number is finite (``allow_inf_nan=False``) and each field bounds its own.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # Names of fields holding secrets: stored encrypted, never shown.
     secret_fields: ClassVar[frozenset[str]] = frozenset()
+    # Names of fields only the config file may set: they name files on crashlab's host.
+    config_only_fields: ClassVar[frozenset[str]] = frozenset()
+    # True for the settings of a test backend (see SettingsSource).
+    test_backend: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_source(cls, data: Any, info: ValidationInfo) -> Any:
+        source = settings_source(info)
+        if not source.api or not isinstance(data, dict):
+            return data
+        refused = sorted(cls.config_only_fields & data.keys())
+        if refused:
+            raise PydanticCustomError(
+                "config_only", "{field} can be set only in the config file", {"field": refused[0]}
+            )
+        if cls.test_backend and not source.test_drivers:
+            raise PydanticCustomError(
+                "test_backend",
+                "this is a test driver, and test_drivers is not enabled in the config",
+            )
+        return data
 
 
 class Driver:
@@ -149,5 +204,7 @@ class Driver:
         """Release connections; the driver is not used afterwards."""
 
     @classmethod
-    def parse_settings(cls, raw: dict[str, Any]) -> DriverSettings:
-        return cls.settings_model.model_validate(raw)
+    def parse_settings(
+        cls, raw: dict[str, Any], source: SettingsSource = TRUSTED
+    ) -> DriverSettings:
+        return cls.settings_model.model_validate(raw, context={"source": source})

@@ -2,7 +2,10 @@
 
 They implement the same interface as the real backends and count every NMI
 they receive, so tests can assert "exactly once". ``nmi_log`` also appends one
-line per NMI to a file, for counts that must survive a killed service.
+line per NMI to a file, for counts that must survive a killed service; being a
+path on crashlab's host, only the config file may set it. They are test
+backends: the admin API registers them only where the config enables
+``test_drivers``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
+
+from pydantic import Field
 
 from drivers.base import Driver, DriverSettings, InstanceNotRunning, PowerState
 
@@ -24,8 +29,11 @@ _POWER = {
 
 class FakeSettings(DriverSettings):
     power_state: Literal["running", "paused", "shutdown"] = "running"
-    delay_seconds: float = 0.0
+    delay_seconds: float = Field(0.0, ge=0, le=60, description="seconds each NMI takes")
     nmi_log: Path | None = None
+
+    config_only_fields: ClassVar[frozenset[str]] = frozenset({"nmi_log"})
+    test_backend: ClassVar[bool] = True
 
 
 @dataclass

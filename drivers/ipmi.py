@@ -116,7 +116,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pyghmi import exceptions as pyghmi_exceptions
 from pyghmi.ipmi.private import constants as ipmi_constants
 from pyghmi.ipmi.private import session as ipmi_session
@@ -132,6 +132,7 @@ from drivers.base import (
     PowerState,
     ServerPoweredOff,
 )
+from drivers.uris import check_host
 
 T = TypeVar("T")
 LOG = logging.getLogger(__name__)
@@ -164,13 +165,18 @@ _AUTH_ERRORS = (
 class IPMISettings(DriverSettings):
     """How to reach one server's BMC."""
 
-    address: str = Field(min_length=1)
+    address: str = Field(min_length=1, description="BMC host: a DNS name or an IP address")
     port: int = Field(623, ge=1, le=65535)
     username: str = Field(max_length=16)  # IPMI 2.0 user names are 16 bytes at most
     password: str = Field(max_length=20)  # RAKP passwords are 20 bytes at most
     timeout: float = Field(10.0, gt=0, le=60, description="seconds to wait for the BMC")
 
     secret_fields: ClassVar[frozenset[str]] = frozenset({"password"})
+
+    @field_validator("address")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
 
 
 class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]

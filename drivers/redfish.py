@@ -22,7 +22,6 @@ import re
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
 
 import requests
 import sushy
@@ -43,6 +42,7 @@ from drivers.base import (
     ServerNotFound,
     ServerPoweredOff,
 )
+from drivers.uris import REDFISH_ROOT_PATHS, check_http_url
 
 T = TypeVar("T")
 
@@ -69,8 +69,8 @@ class RedfishSettings(DriverSettings):
         None,
         description="ComputerSystem id or path; optional when the BMC lists exactly one system",
     )
-    username: str
-    password: str
+    username: str = Field(max_length=255)
+    password: str = Field(max_length=255)
     verify_tls: bool = True
     ca_bundle: str | None = Field(
         None, description="CA certificate file to verify the BMC with, instead of the system's"
@@ -78,16 +78,12 @@ class RedfishSettings(DriverSettings):
     timeout: float = Field(10.0, gt=0, le=60, description="seconds to wait for the BMC")
 
     secret_fields: ClassVar[frozenset[str]] = frozenset({"password"})
+    config_only_fields: ClassVar[frozenset[str]] = frozenset({"ca_bundle"})
 
     @field_validator("address")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        if parts.username or parts.password:
-            raise ValueError("must not carry credentials; use username and password")
-        return f"{parts.scheme}://{parts.netloc}"
+        return check_http_url(value, paths=REDFISH_ROOT_PATHS)
 
 
 class RedfishDriver(Driver):

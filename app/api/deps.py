@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import Request
@@ -51,7 +52,7 @@ async def json_body(request: Request) -> Any:
     if not raw.strip():
         return None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
         # A lone surrogate ("\ud800") parses but cannot be encoded again, in
         # an error message or the database; nesting past Python's recursion
         # limit cannot be parsed at all. Both are malformed bodies, not 500s.
@@ -59,3 +60,16 @@ async def json_body(request: Request) -> Any:
     except (ValueError, RecursionError):
         raise MalformedBody() from None
     return body
+
+
+# RFC 8259 JSON has no NaN or Infinity, and a number such as 1e400 would read as
+# infinite: Python's json accepts both, crashlab refuses them as malformed.
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value

@@ -2,15 +2,21 @@
 
 nova/api/validation/validators.py: an error at a path reads "Invalid input for
 field/attribute <last path element>. Value: <value>. <jsonschema message>".
+Unlike Nova, the value and the message are taken from a copy of the body in
+which every secret field of every driver (a BMC password, a private key) is
+masked, so a refused registration never repeats a secret.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jsonschema
 
+from app.backends import SECRET_MASK
 from app.exceptions import ValidationFailed
+from drivers import all_driver_classes
 
 # nova/api/openstack/compute/schemas/servers.py
 TRIGGER_CRASH_DUMP = {
@@ -86,11 +92,36 @@ FORCED_TRIGGER = {
 }
 
 
+@functools.cache
+def secret_fields() -> frozenset[str]:
+    """The names of every driver's secret fields (read once the drivers are needed)."""
+    return frozenset().union(*(cls.settings_model.secret_fields for cls in all_driver_classes()))
+
+
+def masked_secrets(value: Any) -> Any:
+    """``value`` with the value of every secret field, at any depth, replaced by a mask.
+
+    Keys match whatever their case: ``Password`` is refused later, but not repeated.
+    """
+    if isinstance(value, dict):
+        return {
+            k: SECRET_MASK if str(k).lower() in secret_fields() else masked_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [masked_secrets(item) for item in value]
+    return value
+
+
 def validate(schema: dict[str, Any], body: Any) -> None:
     validator = jsonschema.Draft4Validator(schema, format_checker=jsonschema.FormatChecker())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
-    if error is None:
+    if validator.is_valid(body):
         return
+    # No schema here constrains a secret field (driver_info is the driver's to
+    # check), so the masked body fails as the body does, and is what is reported.
+    error = jsonschema.exceptions.best_match(validator.iter_errors(masked_secrets(body)))
+    if error is None:
+        raise ValidationFailed()
     if error.path:
         raise ValidationFailed(
             f"Invalid input for field/attribute {error.path[-1]}. "

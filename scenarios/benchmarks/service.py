@@ -311,6 +311,7 @@ class BenchService:
         return {
             "host_name": "bench",
             "nmi_guard": {"enabled": False},
+            "test_drivers": True,  # api_overhead registers test:///default
             "identity": {
                 "users": [
                     {

@@ -113,9 +113,9 @@ def test_missing_domain_is_reported() -> None:
 def test_unreachable_uri_is_reported_clearly() -> None:
     started = time.monotonic()
     with pytest.raises(
-        BackendUnreachable, match=r"cannot connect to libvirt at qemu\+tcp://127\.0\.0\.1:1/system"
+        BackendUnreachable, match=r"cannot connect to libvirt at qemu\+ssh://127\.0\.0\.1:1/system"
     ):
-        _driver("any", uri="qemu+tcp://127.0.0.1:1/system").get_power_state()
+        _driver("any", uri="qemu+ssh://127.0.0.1:1/system").get_power_state()
     assert time.monotonic() - started < 10
 
 
