@@ -1,7 +1,10 @@
 """/v2.1/crashlab: crashlab's own extension, beyond Nova.
 
 - the inventory: register, list, show and remove servers (admin only);
-- a trigger that passes the NMI storm guard (admin only);
+- trigger_crash_dump with options, for the server's project members or an
+  admin (``crashlab:servers:trigger_crash_dump``); each option has a rule of
+  its own: ``ignore_nmi_guard: true`` passes the NMI storm guard, admin only
+  (``crashlab:nmi_guard:bypass``);
 - an instance action with each event's ``details``, which Nova shows only
   from microversion 2.84;
 - the drivers and what each declares it supports.
@@ -17,6 +20,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
+from app import policy as rules
 from app.api import validation
 from app.api.deps import context, json_body, service
 from app.api.views import action_event, instance_action
@@ -78,7 +82,7 @@ def unregister_server(
     "/servers/{server_id}/action",
     status_code=202,
     response_class=Response,
-    summary="Trigger a crash dump past the NMI storm guard (admin)",
+    summary="Trigger a crash dump, with options (ignore_nmi_guard: admin only)",
 )
 def forced_trigger(
     request: Request,
@@ -88,8 +92,13 @@ def forced_trigger(
     compute: ComputeService = Depends(service),
 ) -> Response:
     validation.validate(validation.FORCED_TRIGGER, body)
-    ignore = body["trigger_crash_dump"]["ignore_nmi_guard"]
-    pending = compute.trigger_crash_dump(ctx, server_id, ignore_nmi_guard=ignore)
+    options = body["trigger_crash_dump"] or {}
+    pending = compute.trigger_crash_dump(
+        ctx,
+        server_id,
+        rule=rules.EXTENSION_TRIGGER_CRASH_DUMP,
+        ignore_nmi_guard=options.get("ignore_nmi_guard", False),
+    )
     dispatcher = request.app.state.dispatcher
     return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
 
