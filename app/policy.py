@@ -36,6 +36,8 @@ RESET_STATE = "os_compute_api:os-admin-actions:reset_state"
 ACTIONS_LIST = "os_compute_api:os-instance-actions:list"
 ACTIONS_SHOW = "os_compute_api:os-instance-actions:show"
 ACTIONS_EVENTS = "os_compute_api:os-instance-actions:events"
+# Nova's since 2.84; crashlab's extension shows details to those who fail it redacted.
+ACTIONS_EVENTS_DETAILS = "os_compute_api:os-instance-actions:events:details"
 # crashlab's own extension.
 MANAGE_SERVERS = "crashlab:servers:manage"
 EXTENSION_TRIGGER_CRASH_DUMP = "crashlab:servers:trigger_crash_dump"
@@ -71,6 +73,7 @@ _API_RULES = {
     ACTIONS_LIST: PROJECT_READER_OR_ADMIN,
     ACTIONS_SHOW: PROJECT_READER_OR_ADMIN,
     ACTIONS_EVENTS: ADMIN,
+    ACTIONS_EVENTS_DETAILS: ADMIN,
     MANAGE_SERVERS: ADMIN,
     EXTENSION_TRIGGER_CRASH_DUMP: PROJECT_MEMBER_OR_ADMIN,
     BYPASS_NMI_GUARD: ADMIN,

@@ -6,7 +6,10 @@
   its own: ``ignore_nmi_guard: true`` passes the NMI storm guard, admin only
   (``crashlab:nmi_guard:bypass``);
 - an instance action with each event's ``details``, which Nova shows only
-  from microversion 2.84;
+  from microversion 2.84 and only to admins: here whoever may show the action
+  reads them, whole where ``os-instance-actions:events:details`` passes (admins)
+  and otherwise with BMC addresses, user names, URIs and host paths redacted
+  (``app.redaction``);
 - the drivers and what each declares it supports.
 
 BMC passwords are stored encrypted and always shown as a mask.
@@ -25,6 +28,7 @@ from app.api import validation
 from app.api.deps import context, json_body, service
 from app.api.views import action_event, instance_action
 from app.backends import masked_settings
+from app.redaction import redact
 from app.service import ComputeService, Context
 from app.store import ServerRecord
 from drivers import all_driver_classes
@@ -114,10 +118,18 @@ def show_action_details(
     compute: ComputeService = Depends(service),
 ) -> dict[str, Any]:
     action, show_traceback = compute.get_action(ctx, server_id, request_id)
+    record = compute.get_instance(ctx, server_id)
+    whole = compute.policy.allowed(
+        rules.ACTIONS_EVENTS_DETAILS, {"project_id": record.project_id}, ctx.credentials
+    )
     events = []
     for event in action.events:
         shown = action_event(event)
-        shown["details"] = event.details
+        shown["details"] = (
+            event.details
+            if whole or event.details is None
+            else redact(event.details, record.driver_info)
+        )
         if not show_traceback:
             del shown["traceback"]
         events.append(shown)
