@@ -126,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api.app import create_app
+    from app.api.http_protocol import NovaH11Protocol
     from app.api.middleware import MAX_REQUEST_HEAD_BYTES
 
     logging.basicConfig(
@@ -138,6 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         access_log=False,
+        http=NovaH11Protocol,
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
     )
     # Shut down: every event and lease is written. A driver thread stuck in a

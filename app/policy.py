@@ -1,7 +1,9 @@
 """Nova's policy rules, enforced with oslo.policy, overridable by a policy.yaml.
 
 Rule names and defaults follow Nova at HEAD (nova/policies/*.py), with
-enforce_new_defaults on, as Nova has had since 27.0.0.
+enforce_new_defaults on, as Nova has had since 27.0.0. crashlab's extension
+has rules of its own, named ``crashlab:...``; each option of its trigger has
+its own rule, checked only when the option is used.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ RESET_STATE = "os_compute_api:os-admin-actions:reset_state"
 ACTIONS_LIST = "os_compute_api:os-instance-actions:list"
 ACTIONS_SHOW = "os_compute_api:os-instance-actions:show"
 ACTIONS_EVENTS = "os_compute_api:os-instance-actions:events"
+# Nova's since 2.84; crashlab's extension shows details to those who fail it redacted.
+ACTIONS_EVENTS_DETAILS = "os_compute_api:os-instance-actions:events:details"
 # crashlab's own extension.
 MANAGE_SERVERS = "crashlab:servers:manage"
+EXTENSION_TRIGGER_CRASH_DUMP = "crashlab:servers:trigger_crash_dump"
+# The extension trigger's options: "ignore_nmi_guard": true.
 BYPASS_NMI_GUARD = "crashlab:nmi_guard:bypass"
 
 _BASE_RULES = [
@@ -67,7 +73,9 @@ _API_RULES = {
     ACTIONS_LIST: PROJECT_READER_OR_ADMIN,
     ACTIONS_SHOW: PROJECT_READER_OR_ADMIN,
     ACTIONS_EVENTS: ADMIN,
+    ACTIONS_EVENTS_DETAILS: ADMIN,
     MANAGE_SERVERS: ADMIN,
+    EXTENSION_TRIGGER_CRASH_DUMP: PROJECT_MEMBER_OR_ADMIN,
     BYPASS_NMI_GUARD: ADMIN,
 }
 

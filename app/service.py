@@ -167,16 +167,24 @@ class ComputeService:
     # Actions
 
     def trigger_crash_dump(
-        self, ctx: Context, server_id: str, *, ignore_nmi_guard: bool = False
+        self,
+        ctx: Context,
+        server_id: str,
+        *,
+        rule: str = rules.TRIGGER_CRASH_DUMP,
+        ignore_nmi_guard: bool = False,
     ) -> PendingCrashDump:
         """Nova's compute API trigger_crash_dump, plus crashlab's NMI storm guard.
 
         The lock and the guard are checked once before the live state read,
         so a storm is refused without reaching the backend, and decided again
         in the transaction that records the action.
+
+        ``rule`` is the policy rule of the API that was called: Nova's, or the
+        extension's; each option then passes its own rule.
         """
         record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rules.TRIGGER_CRASH_DUMP, _target(record), ctx.credentials)
+        self.policy.authorize(rule, _target(record), ctx.credentials)
         if ignore_nmi_guard:
             self.policy.authorize(rules.BYPASS_NMI_GUARD, _target(record), ctx.credentials)
         _check_instance_lock(ctx, record)

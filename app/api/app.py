@@ -69,6 +69,8 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
         description="Nova-compatible trigger_crash_dump (microversion 2.17) over libvirt, "
         "IPMI and Redfish, with an embedded Keystone v3 subset.",
         lifespan=lifespan,
+        # Nova answers 404 for a path it does not route, a trailing slash included.
+        redirect_slashes=False,
     )
     app.state.service = compute
     app.state.dispatcher = dispatcher

@@ -1,9 +1,15 @@
 """/v2.1/crashlab: crashlab's own extension, beyond Nova.
 
 - the inventory: register, list, show and remove servers (admin only);
-- a trigger that passes the NMI storm guard (admin only);
+- trigger_crash_dump with options, for the server's project members or an
+  admin (``crashlab:servers:trigger_crash_dump``); each option has a rule of
+  its own: ``ignore_nmi_guard: true`` passes the NMI storm guard, admin only
+  (``crashlab:nmi_guard:bypass``);
 - an instance action with each event's ``details``, which Nova shows only
-  from microversion 2.84;
+  from microversion 2.84 and only to admins: here whoever may show the action
+  reads them, whole where ``os-instance-actions:events:details`` passes (admins)
+  and otherwise with BMC addresses, user names, URIs and host paths redacted
+  (``app.redaction``);
 - the drivers and what each declares it supports.
 
 BMC passwords are stored encrypted and always shown as a mask.
@@ -17,10 +23,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
+from app import policy as rules
 from app.api import validation
 from app.api.deps import context, json_body, service
 from app.api.views import action_event, instance_action
 from app.backends import masked_settings
+from app.redaction import redact
 from app.service import ComputeService, Context
 from app.store import ServerRecord
 from drivers import all_driver_classes
@@ -78,7 +86,7 @@ def unregister_server(
     "/servers/{server_id}/action",
     status_code=202,
     response_class=Response,
-    summary="Trigger a crash dump past the NMI storm guard (admin)",
+    summary="Trigger a crash dump, with options (ignore_nmi_guard: admin only)",
 )
 def forced_trigger(
     request: Request,
@@ -88,8 +96,13 @@ def forced_trigger(
     compute: ComputeService = Depends(service),
 ) -> Response:
     validation.validate(validation.FORCED_TRIGGER, body)
-    ignore = body["trigger_crash_dump"]["ignore_nmi_guard"]
-    pending = compute.trigger_crash_dump(ctx, server_id, ignore_nmi_guard=ignore)
+    options = body["trigger_crash_dump"] or {}
+    pending = compute.trigger_crash_dump(
+        ctx,
+        server_id,
+        rule=rules.EXTENSION_TRIGGER_CRASH_DUMP,
+        ignore_nmi_guard=options.get("ignore_nmi_guard", False),
+    )
     dispatcher = request.app.state.dispatcher
     return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
 
@@ -105,10 +118,18 @@ def show_action_details(
     compute: ComputeService = Depends(service),
 ) -> dict[str, Any]:
     action, show_traceback = compute.get_action(ctx, server_id, request_id)
+    record = compute.get_instance(ctx, server_id)
+    whole = compute.policy.allowed(
+        rules.ACTIONS_EVENTS_DETAILS, {"project_id": record.project_id}, ctx.credentials
+    )
     events = []
     for event in action.events:
         shown = action_event(event)
-        shown["details"] = event.details
+        shown["details"] = (
+            event.details
+            if whole or event.details is None
+            else redact(event.details, record.driver_info)
+        )
         if not show_traceback:
             del shown["traceback"]
         events.append(shown)

@@ -2,11 +2,12 @@
 
 Compute paths answer ``{"<fault name>": {"code": N, "message": "..."}}``;
 identity paths answer Keystone's ``{"error": {"code", "title", "message"}}``.
+An unexpected error's 500 is sent by ``app.api.middleware``, which alone can
+give it the request-id and version headers.
 """
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -15,11 +16,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from app.exceptions import APIError, InternalError, fault_name
-
-LOG = logging.getLogger(__name__)
+from app.exceptions import APIError, fault_name
 
 IDENTITY_PREFIX = "/identity"
+# The methods an Allow header may name.
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 def fault_body(status: int, message: str, path: str = "") -> dict[str, dict[str, object]]:
@@ -54,14 +55,21 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method the path takes: Starlette names only those of the first route
-    that matched, and FastAPI makes one route per method."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    """Every method the path takes, each asked of the router as a request would be.
+
+    Starlette names only the methods of the first route that matched, FastAPI
+    makes one route per method, and an included router is one route that has
+    no ``methods`` of its own; a full match is what each of them answers alike.
+    """
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -72,13 +80,7 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     return fault_response(400, message, request.url.path)
 
 
-async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    LOG.exception("unexpected error on %s %s", request.method, request.url.path)
-    return fault_response(500, InternalError().message, request.url.path)
-
-
 def install_fault_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)

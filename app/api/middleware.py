@@ -1,12 +1,16 @@
 """Headers every response carries, and limits checked before routing.
 
 A pure ASGI middleware (no per-request task, unlike BaseHTTPMiddleware):
-request ids, the microversion and its headers, and the body size limit.
+request ids, the microversion and its headers, the body size limit, and the
+500 fault of an unexpected error. Starlette runs an ``Exception`` handler in
+its outermost layer, outside every middleware, so its 500 would carry none of
+these headers: an error escaping the routes is answered here instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -14,7 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.faults import fault_body
 from app.api.microversion import MIN_VERSION, APIVersion, requested_version
-from app.exceptions import APIError, BadRequest, PayloadTooLarge
+from app.exceptions import APIError, BadRequest, InternalError, PayloadTooLarge
+
+LOG = logging.getLogger(__name__)
 
 COMPUTE_PREFIX = "/v2.1"
 # Nova's [wsgi] max_header_line default, and eventlet.wsgi's MAX_TOTAL_HEADER_SIZE.
@@ -29,6 +35,18 @@ MAX_REQUEST_HEAD_BYTES = 2 * MAX_TOTAL_HEADER_SIZE
 
 def is_compute_path(path: str) -> bool:
     return path == COMPUTE_PREFIX or path.startswith(COMPUTE_PREFIX + "/")
+
+
+def new_request_id() -> str:
+    """Nova's request id format (oslo.context): ``req-<uuid4>``."""
+    return f"req-{uuid.uuid4()}"
+
+
+def request_id_headers(request_id: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-openstack-request-id", request_id.encode()),
+        (b"x-compute-request-id", request_id.encode()),
+    ]
 
 
 def version_headers(version: APIVersion) -> list[tuple[bytes, bytes]]:
@@ -49,14 +67,11 @@ class NovaHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = f"req-{uuid.uuid4()}"
+        request_id = new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        extra = [
-            (b"x-openstack-request-id", request_id.encode()),
-            (b"x-compute-request-id", request_id.encode()),
-        ]
+        extra = request_id_headers(request_id)
         path = scope["path"]
         try:
             _check_header_sizes(scope["headers"])
@@ -72,6 +87,7 @@ class NovaHeadersMiddleware:
             return
 
         replayed = False
+        started = False
 
         async def replay() -> Message:
             nonlocal replayed
@@ -81,11 +97,19 @@ class NovaHeadersMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
-        await self.app(scope, replay, send_with_headers)
+        try:
+            await self.app(scope, replay, send_with_headers)
+        except Exception:
+            if started:  # too late for a fault: the server closes the connection
+                raise
+            LOG.exception("unexpected error on %s %s (%s)", scope["method"], path, request_id)
+            await _send_fault(send, InternalError(), path, extra)
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         """The whole body, refused with 413 as soon as it passes the limit."""

@@ -27,6 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from oslo_utils import strutils
 
 from app.api import validation
 from app.api.faults import IDENTITY_PREFIX
@@ -231,7 +232,14 @@ class Operation:
     response_headers: dict[str, Schema] = field(default_factory=dict)
 
 
-_LIST_QUERY = {"name": _STRING, "all_tenants": _STRING}
+# What app/api/servers.py _all_tenants takes, as Nova's is_all_tenants: empty, or a
+# word of oslo's bool_from_string in any case, with space around it.
+_BOOL_WORDS = "|".join(
+    "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in word)
+    for word in strutils.TRUE_STRINGS + strutils.FALSE_STRINGS
+)
+_ALL_TENANTS: Schema = {"type": "string", "pattern": rf"^$|^\s*({_BOOL_WORDS})\s*$"}
+_LIST_QUERY = {"name": _STRING, "all_tenants": _ALL_TENANTS}
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("get", "/"): Operation(
         200, _object({"versions": {"type": "array", "items": _VERSION}}), authenticated=False

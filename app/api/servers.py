@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from oslo_utils import strutils
 from starlette.background import BackgroundTask
 
 from app import policy as rules
@@ -13,7 +14,7 @@ from app.api import validation
 from app.api.deps import api_version, context, json_body, service
 from app.api.microversion import TRIGGER_CRASH_DUMP_VERSION, APIVersion
 from app.api.views import server_detail, server_summary
-from app.exceptions import MalformedBody, NoSuchAction, NotFound
+from app.exceptions import BadRequest, MalformedBody, NoSuchAction, NotFound
 from app.service import ComputeService, Context, ServerView
 
 router = APIRouter(prefix="/v2.1")
@@ -39,9 +40,15 @@ def _detail(
 
 
 def _all_tenants(request: Request) -> bool:
-    # Nova treats any value of all_tenants but an explicit false as true.
+    """nova/api/openstack/common.py is_all_tenants: present and empty is true, else
+    oslo's strict bool_from_string, whose ValueError Nova answers with 400."""
     value = request.query_params.get("all_tenants")
-    return value is not None and value.lower() not in ("0", "false", "off", "no")
+    if not value:
+        return value is not None
+    try:
+        return bool(strutils.bool_from_string(value, strict=True))
+    except ValueError as error:
+        raise BadRequest(f"Invalid input received: {error}") from None
 
 
 @router.get("/servers", summary="List servers")

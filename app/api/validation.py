@@ -76,14 +76,14 @@ REGISTER_SERVER = {
     "required": ["server"],
     "additionalProperties": False,
 }
-# crashlab extension: trigger past the NMI storm guard.
+# crashlab extension: trigger_crash_dump with options, each optional; null or
+# {} is a plain trigger (null is Nova's body for the action).
 FORCED_TRIGGER = {
     "type": "object",
     "properties": {
         "trigger_crash_dump": {
-            "type": "object",
+            "type": ["object", "null"],
             "properties": {"ignore_nmi_guard": {"type": "boolean"}},
-            "required": ["ignore_nmi_guard"],
             "additionalProperties": False,
         }
     },

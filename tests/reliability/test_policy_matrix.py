@@ -16,6 +16,11 @@ crashlab's answers:
   ``unlock_override`` (ADMIN), so 403;
 - below 2.51, an action's events are shown only if ``os-instance-actions:events``
   (ADMIN) passes;
+- crashlab's extension trigger (``/crashlab/servers/{id}/action``, beyond Nova)
+  has its own rule, ``crashlab:servers:trigger_crash_dump``, defaulting to
+  PROJECT_MEMBER_OR_ADMIN as Nova's does, and each option its own:
+  ``ignore_nmi_guard: true`` needs ``crashlab:nmi_guard:bypass`` (ADMIN). The
+  rules come after the lookup and before the lock and state checks, as Nova's;
 - no token, or an expired one, is 401 before anything else.
 
 Every cell gets a server of its own, registered through the extension and put
@@ -37,7 +42,22 @@ from tests.reliability.cloud import TRIGGER, cloud_config, config_server_id, fak
 
 USERS = ["admin", "owner", "other-project", "reader", "no-token", "expired"]
 KINDS = ["active", "paused", "stopped", "error", "locked", "non-nmi"]
-CALLS = ["trigger_crash_dump", "lock", "unlock", "os-resetState", "list", "show", "events"]
+CALLS = [
+    "trigger_crash_dump",
+    "crashlab-trigger",
+    "crashlab-bypass",
+    "lock",
+    "unlock",
+    "os-resetState",
+    "list",
+    "show",
+    "events",
+]
+TRIGGERS = ("trigger_crash_dump", "crashlab-trigger", "crashlab-bypass")
+EXTENSION_BODY = {
+    "crashlab-trigger": {"trigger_crash_dump": {}},
+    "crashlab-bypass": {"trigger_crash_dump": {"ignore_nmi_guard": True}},
+}
 LOGIN = {"admin": "admin", "owner": "alice", "other-project": "bob", "reader": "carol"}
 # The config servers an expired token is tried on (that service has no admin left to set up).
 CONFIG_SERVER = {
@@ -67,8 +87,8 @@ def expected(who: str, kind: str, call: str) -> Outcome:
     admin = who == "admin"
     member = who in ("admin", "owner")
     locked_before = "admin" if kind == "locked" else None
-    if call == "trigger_crash_dump":
-        if not member:
+    if call in TRIGGERS:
+        if not member or (call == "crashlab-bypass" and not admin):
             return Outcome(403)
         if kind == "locked" and not admin:
             return Outcome(409)
@@ -177,6 +197,8 @@ def _perform(client: httpx.Client, cell: Cell, call: str) -> httpx.Response:
     server = cell.server_id
     if call == "trigger_crash_dump":
         return _call(client, server, TRIGGER)
+    if call in EXTENSION_BODY:
+        return client.post(f"/crashlab/servers/{server}/action", json=EXTENSION_BODY[call])
     if call in ("lock", "unlock"):
         return _call(client, server, {call: None})
     if call == "os-resetState":
@@ -224,7 +246,12 @@ def test_policy_matrix(clients: dict[str, httpx.Client], call: str, who: str, ki
         assert ("events" in action) == want.events_shown, action
         if want.events_shown and kind != "stopped":
             assert [e["event"] for e in action["events"]] == ["compute_trigger_crash_dump"]
-    if call == "trigger_crash_dump":
+    if want.status == 403 and call in EXTENSION_BODY:
+        # The first rule that fails is named: a reader's is the trigger's own.
+        trigger_rule = "crashlab:servers:trigger_crash_dump"
+        failed = trigger_rule if who == "reader" else "crashlab:nmi_guard:bypass"
+        assert f"Policy doesn't allow {failed} to be performed." in response.text
+    if call in TRIGGERS:
         # Nova records the action only once every check has passed.
         request_id = response.headers["x-openstack-request-id"]
         recorded = [a["request_id"] for a in _actions(admin, cell.server_id)]
@@ -290,3 +317,36 @@ def test_policy_file_changes_trigger_crash_dump_only(
             if who in ("alice", "dave"):
                 assert _call(client, server_id, {"lock": None}).status_code == 202
                 assert _call(client, server_id, {"unlock": None}).status_code == 202
+
+
+# Custom rules for the extension's trigger: each rule is its own.
+EXTENSION_POLICIES = {
+    "admin-trigger": '"crashlab:servers:trigger_crash_dump": "rule:context_is_admin"\n',
+    "member-bypass": '"crashlab:nmi_guard:bypass": "rule:project_member_or_admin"\n',
+}
+
+
+@pytest.mark.parametrize("policy", EXTENSION_POLICIES)
+def test_policy_file_changes_the_extension_trigger_rules_only(
+    crashlab_server: Callable[..., LiveServer], tmp_path: Any, policy: str
+) -> None:
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(EXTENSION_POLICIES[policy])
+    config = cloud_config(nmi_guard={"enabled": False})
+    config["policy_file"] = str(policy_path)
+    cloud = crashlab_server(config)
+    server = config_server_id("alice-active")
+    path = f"/crashlab/servers/{server}/action"
+    admin_only = policy == "admin-trigger"
+    with _client(cloud, "alice") as alice, _client(cloud, "admin") as admin:
+        plain = alice.post(path, json=EXTENSION_BODY["crashlab-trigger"])
+        bypass = alice.post(path, json=EXTENSION_BODY["crashlab-bypass"])
+        if admin_only:
+            assert (plain.status_code, bypass.status_code) == (403, 403)
+            for response in (plain, bypass):
+                assert "crashlab:servers:trigger_crash_dump" in response.text
+        else:
+            assert (plain.status_code, bypass.status_code) == (202, 202)
+        # Nova's rule is untouched, and so is the admin's way in.
+        assert _call(alice, server, TRIGGER).status_code == 202
+        assert admin.post(path, json=EXTENSION_BODY["crashlab-bypass"]).status_code == 202
