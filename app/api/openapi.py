@@ -6,8 +6,8 @@ nor the faults they answer, and documents a 422 that never happens. This
 module post-processes FastAPI's document:
 
 - request bodies, from the same jsonschema documents ``app.api.validation``
-  enforces (a server registration is narrowed to this deployment's projects,
-  users and drivers, each driver's ``driver_info`` from its settings model);
+  enforces (a server registration is narrowed to this deployment's drivers,
+  each driver's ``driver_info`` from its settings model);
 - every status an operation can answer, with Nova's fault body
   (``{"itemNotFound": {"code": 404, "message": ...}}``), or Keystone's error
   body under /identity;
@@ -349,9 +349,7 @@ def complete(document: dict[str, Any], config: Config) -> dict[str, Any]:
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
             spec = OPERATIONS.get((method, path), _GENERIC)
-            request = (
-                _register_body(config, schemas) if spec.request == "register" else spec.request
-            )
+            request = _register_body(schemas) if spec.request == "register" else spec.request
             _describe(operation, path, spec, request)
     if not schemas:
         del components["schemas"]
@@ -421,15 +419,14 @@ def _fault(status: int, path: str) -> dict[str, Any]:
     }
 
 
-def _register_body(config: Config, schemas: dict[str, Any]) -> Schema:
-    """validation.REGISTER_SERVER, narrowed to this service's projects, users and drivers."""
+def _register_body(schemas: dict[str, Any]) -> Schema:
+    """validation.REGISTER_SERVER, narrowed to this service's drivers.
+
+    Never to its projects and users: the document is served to anyone, and
+    names no account.
+    """
     body: Schema = copy.deepcopy(validation.REGISTER_SERVER)
     server = body["properties"]["server"]
-    identity = config.identity
-    projects = sorted({key for p in identity.projects for key in (p.name, p.project_id)})
-    users = sorted({key for u in identity.users for key in (u.name, u.user_id)})
-    server["properties"]["project_id"] = {"type": "string", "enum": projects}
-    server["properties"]["user_id"] = {"type": "string", "enum": users}
     branches = []
     for name in DRIVER_CLASSES:
         try:
