@@ -179,6 +179,8 @@ def password_auth(body: Any) -> PasswordAuth:
         raise _expecting("id or name", "user")
     if user.get("name") and "domain" not in user:
         raise _expecting("domain", "user")
+    if user.get("name") and not (user["domain"].get("id") or user["domain"].get("name")):
+        raise _expecting("id or name", "domain")
     reference = Reference(id=user.get("id"), name=user.get("name"), domain=_domain(user))
     return _scoped(auth.get("scope"), PasswordAuth(reference, user.get("password")))
 

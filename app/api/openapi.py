@@ -139,20 +139,31 @@ _TOKEN = _object(
     },
     {"project": _object({"id": _STRING, "name": _STRING})},
 )
-# Keystone v3 password authentication, as app.api.identity reads it.
-_AUTH_USER: Schema = {
+# Keystone v3 password authentication, as app.api.identity reads it: a user
+# by id, or by name within a domain; a project likewise. Other methods and
+# scopes are refused.
+_AUTH_DOMAIN: Schema = {
     "type": "object",
-    "required": ["password"],
-    "properties": {
-        "name": _STRING,
-        "id": _STRING,
-        "password": _STRING,
-        "domain": {"type": "object"},
-    },
+    "properties": {"id": _STRING, "name": _STRING},
     "anyOf": [
         {"required": ["name"], "properties": {"name": {"minLength": 1}}},
         {"required": ["id"], "properties": {"id": {"minLength": 1}}},
     ],
+}
+_BY_NAME_OR_ID: Schema = {
+    "anyOf": [
+        {"required": ["name", "domain"], "properties": {"name": {"minLength": 1}}},
+        {
+            "required": ["id"],
+            "properties": {"id": {"minLength": 1}, "name": {"maxLength": 0}},
+        },
+    ],
+}
+_AUTH_USER: Schema = {
+    "type": "object",
+    "required": ["password"],
+    "properties": {"name": _STRING, "id": _STRING, "password": _STRING, "domain": _AUTH_DOMAIN},
+    **_BY_NAME_OR_ID,
 }
 AUTH_TOKENS_BODY: Schema = {
     "type": "object",
@@ -166,7 +177,11 @@ AUTH_TOKENS_BODY: Schema = {
                     "type": "object",
                     "required": ["methods", "password"],
                     "properties": {
-                        "methods": {"type": "array", "items": _STRING},
+                        "methods": {
+                            "type": "array",
+                            "items": {"enum": ["password"]},
+                            "minItems": 1,
+                        },
                         "password": {
                             "type": "object",
                             "required": ["user"],
@@ -176,14 +191,12 @@ AUTH_TOKENS_BODY: Schema = {
                 },
                 "scope": {
                     "type": "object",
+                    "required": ["project"],
                     "properties": {
                         "project": {
                             "type": "object",
-                            "properties": {
-                                "name": _STRING,
-                                "id": _STRING,
-                                "domain": {"type": "object"},
-                            },
+                            "properties": {"name": _STRING, "id": _STRING, "domain": _AUTH_DOMAIN},
+                            **_BY_NAME_OR_ID,
                         }
                     },
                 },
