@@ -246,6 +246,7 @@ SCOPES = [
     (auth_body(methods="xpasswordx"), 400, "is not of type 'array'"),
     (auth_body({"name": "alice"}), 400, "Expecting to find domain in user"),
     (auth_body({"name": "alice", "domain": {}}), 400, "id or name must be present"),
+    (auth_body({"name": "alice", "domain": {"id": ""}}), 400, "find id or name in domain"),
     (auth_body(scope={"project": {"name": "alice"}}), 400, "Expecting to find domain in project"),
     (auth_body(scope={"project": {}}), 400, "id or name must be present"),
     (
