@@ -10,9 +10,10 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drivers import UnknownDriver, driver_class
 
@@ -39,8 +40,11 @@ class _Strict(BaseModel):
 class UserConfig(_Strict):
     name: str
     id: str | None = None
-    password_hash: str = Field(description="bcrypt hash, from `crashlab hash-password`")
-    project: str = Field(description="name of the project the user's token is scoped to")
+    password_hash: str = Field(
+        description="bcrypt hash, from `crashlab hash-password`",
+        pattern=r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$",
+    )
+    project: str = Field(description="the user's default project (name), its tokens' scope")
     roles: list[str]
 
     @property
@@ -64,11 +68,19 @@ class ProjectConfig(_Strict):
         return self.id or derived_id("project", self.name)
 
 
+class SecurityComplianceConfig(_Strict):
+    """Keystone's [security_compliance] account lockout; off unless attempts are set."""
+
+    lockout_failure_attempts: int | None = Field(None, ge=1)
+    lockout_duration: int = Field(1800, ge=1, description="seconds")
+
+
 class IdentityConfig(_Strict):
     token_ttl_seconds: int = Field(3600, gt=0)
     region: str = "RegionOne"
     projects: list[ProjectConfig] = []
     users: list[UserConfig] = []
+    security_compliance: SecurityComplianceConfig = Field(default_factory=SecurityComplianceConfig)
 
     @model_validator(mode="after")
     def _projects_from_users(self) -> IdentityConfig:
@@ -84,6 +96,18 @@ class IdentityConfig(_Strict):
 
     def user_by_name_or_id(self, key: str) -> UserConfig | None:
         return next((u for u in self.users if key in (u.name, u.user_id)), None)
+
+    def project_by_id(self, project_id: str) -> ProjectConfig | None:
+        return next((p for p in self.projects if p.project_id == project_id), None)
+
+    def project_by_name(self, name: str) -> ProjectConfig | None:
+        return next((p for p in self.projects if p.name == name), None)
+
+    def user_by_id(self, user_id: str) -> UserConfig | None:
+        return next((u for u in self.users if u.user_id == user_id), None)
+
+    def user_by_name(self, name: str) -> UserConfig | None:
+        return next((u for u in self.users if u.name == name), None)
 
 
 class ServerConfig(_Strict):
@@ -139,6 +163,9 @@ class Config(_Strict):
         None, description="Fernet key for BMC passwords; else $CRASHLAB_SECRET_KEY"
     )
     host_name: str = "crashlab"
+    public_endpoint: str | None = Field(
+        None, description="root URL clients reach crashlab at; else the address it listens on"
+    )
     max_body_bytes: int = Field(65536, gt=0)
     backends: BackendsConfig = Field(default_factory=BackendsConfig)
     power_sync: PowerSyncConfig = Field(default_factory=PowerSyncConfig)
@@ -156,6 +183,19 @@ class Config(_Strict):
 
     # Set by load_config: the directory relative paths resolve against.
     base_dir: Path = Path(".")
+
+    @field_validator("public_endpoint")
+    @classmethod
+    def _check_public_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must have no query or fragment")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:

@@ -24,7 +24,8 @@ One handler in ``app.api.faults`` formats them all as Nova does:
      │    └── DuplicateServer
      ├── PayloadTooLarge            413 overLimit
      ├── UnsupportedMediaType       415 badMediaType
-     └── InternalError              500 computeFault
+     ├── InternalError              500 computeFault
+     └── ServiceUnavailable         503 serviceUnavailable
 """
 
 from __future__ import annotations
@@ -180,3 +181,8 @@ class InternalError(APIError):
         "Unexpected API Error. Please report this at http://bugs.launchpad.net/nova/ "
         "and attach the Nova API log if possible."
     )
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    default_message = "The service is temporarily unavailable; try again shortly."

@@ -236,9 +236,11 @@ def login(url: str, password: str) -> str:
         "auth": {
             "identity": {
                 "methods": ["password"],
-                "password": {"user": {"name": USER, "password": password}},
+                "password": {
+                    "user": {"name": USER, "password": password, "domain": {"id": "default"}}
+                },
             },
-            "scope": {"project": {"name": PROJECT}},
+            "scope": {"project": {"name": PROJECT, "domain": {"id": "default"}}},
         }
     }
     response = httpx.post(f"{url}/identity/v3/auth/tokens", json=body, timeout=30)

@@ -74,7 +74,8 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     )
     app.state.service = compute
     app.state.dispatcher = dispatcher
-    app.state.tokens = TokenStore(config.identity)
+    app.state.tokens = TokenStore(config.identity, store.engine)
+    app.state.public_endpoint = config.public_endpoint
     install_fault_handlers(app)
     install_openapi(app, config)
     for module in (versions, identity, servers, instance_actions, extension):

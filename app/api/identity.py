@@ -1,26 +1,43 @@
 """/identity/v3: the Keystone v3 subset OpenStack clients need.
 
-Password authentication scoped to a project, token validation and
-revocation, and the discovery documents. The catalog points at this same
-process: ``compute`` at /v2.1 and ``identity`` at /identity/v3.
+Password authentication scoped to the user's project, token validation and
+revocation, and the discovery documents. Requests are checked as Keystone
+checks them; a scope crashlab cannot grant (domain, system, unscoped, trust)
+is refused as Keystone refuses a user with no role there: 401. The catalog
+points at this same service, from ``app.api.endpoint.public_url``:
+``compute`` at /v2.1 and ``identity`` at /identity/v3.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
+import jsonschema
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import json_body
+from app.api.endpoint import public_url
 from app.config import DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, IdentityConfig, derived_id
 from app.exceptions import BadRequest, NotFound, Unauthorized
-from app.identity import AuthenticationFailed, Token, TokenStore
+from app.identity import (
+    AccountLocked,
+    AuthenticationFailed,
+    Domain,
+    PasswordAuth,
+    Reference,
+    Token,
+    TokenStore,
+)
 
 router = APIRouter(prefix="/identity")
 
+Schema = dict[str, Any]
+
 _DOMAIN = {"id": DEFAULT_DOMAIN_ID, "name": DEFAULT_DOMAIN_NAME}
+_STRING: Schema = {"type": "string"}
 _UPDATED = "2019-01-22T00:00:00Z"
 
 
@@ -29,7 +46,7 @@ def _keystone_time(value: dt.datetime) -> str:
 
 
 def _version(request: Request) -> dict[str, Any]:
-    root = str(request.base_url).rstrip("/")
+    root = public_url(request)
     return {
         "id": "v3.14",
         "status": "stable",
@@ -58,46 +75,152 @@ def _tokens(request: Request) -> TokenStore:
     return tokens
 
 
-def _password_request(body: Any) -> tuple[str, str, str | None]:
-    """User name, password and project name from a v3 password auth body."""
-    try:
-        auth = body["auth"]
-        identity = auth["identity"]
-        if "password" not in identity.get("methods", []):
-            raise Unauthorized("Only password authentication is supported.")
-        user = identity["password"]["user"]
-        password = user["password"]
-        user_key = user.get("name") or user["id"]
-        scope = auth.get("scope") or {}
-        project = scope.get("project") if isinstance(scope, dict) else None
-        project_key = (project.get("name") or project.get("id")) if project else None
-    except (KeyError, TypeError, AttributeError):
-        raise BadRequest("Expecting to find auth.identity.password.user in the request.") from None
-    if not all(isinstance(v, str) for v in (user_key, password)) or not (
-        project_key is None or isinstance(project_key, str)
-    ):
-        raise BadRequest("Invalid input for auth: names and passwords must be strings.")
-    return user_key, password, project_key
+_DOMAIN_REF: Schema = {"type": "object", "properties": {"id": _STRING, "name": _STRING}}
+_NAMED_REF: Schema = {
+    "type": "object",
+    "properties": {"id": _STRING, "name": _STRING, "domain": _DOMAIN_REF},
+}
+# keystone/auth/schema.py token_issue, for the parts crashlab reads.
+TOKEN_ISSUE: Schema = {
+    "type": "object",
+    "properties": {
+        "identity": {
+            "type": "object",
+            "properties": {
+                "methods": {"type": "array", "items": _STRING},
+                "password": {
+                    "type": "object",
+                    "properties": {
+                        "user": {
+                            "type": "object",
+                            "properties": {
+                                "id": _STRING,
+                                "name": _STRING,
+                                "password": _STRING,
+                                "domain": _DOMAIN_REF,
+                            },
+                        }
+                    },
+                },
+            },
+            "required": ["methods"],
+        },
+        "scope": {
+            "type": ["object", "string"],
+            "properties": {
+                "project": _NAMED_REF,
+                "domain": _DOMAIN_REF,
+                "OS-TRUST:trust": {"type": "object", "properties": {"id": _STRING}},
+                "system": {"type": "object"},
+            },
+        },
+    },
+    "required": ["identity"],
+}
+_VALIDATOR = jsonschema.Draft4Validator(TOKEN_ISSUE)
+AUTH_METHODS = ("password",)
+SCOPES = ("project", "domain", "unscoped", "system", "OS-TRUST:trust")
 
 
-def _resolve(
-    identity: IdentityConfig, user_key: str, project_key: str | None
-) -> tuple[str, str | None]:
-    user = identity.user_by_name_or_id(user_key)
-    project = identity.project_by_name_or_id(project_key) if project_key else None
-    return (user.name if user else user_key), (project.name if project else project_key)
+def _expecting(attribute: str, target: str) -> BadRequest:
+    """keystone.exception.ValidationError's wording."""
+    return BadRequest(
+        f"Expecting to find {attribute} in {target}. The server could not comply with the "
+        "request since it is either malformed or otherwise incorrect. The client is assumed "
+        "to be in error."
+    )
+
+
+def _invalid(field: str, detail: str) -> BadRequest:
+    """keystone.exception.SchemaValidationError's wording."""
+    return BadRequest(f"Invalid input for field {field}: {detail}")
+
+
+def _has_id_or_name(ref: dict[str, Any], field: str) -> None:
+    if "id" not in ref and "name" not in ref:
+        raise _invalid(field, "id or name must be present.")
+
+
+def _domain(ref: dict[str, Any]) -> Domain | None:
+    domain = ref.get("domain")
+    return None if domain is None else Domain(id=domain.get("id"), name=domain.get("name"))
+
+
+def password_auth(body: Any) -> PasswordAuth:
+    """A v3 password authentication request, checked as Keystone checks it.
+
+    The body's shape first (keystone/auth/schema.py), then the methods: each
+    needs its payload (400) and must be one crashlab supports (401), as
+    keystone/auth/core.py AuthInfo does; then the user and scope references.
+    """
+    auth = body.get("auth") if isinstance(body, dict) else None
+    if not auth:
+        raise _expecting("auth", "request body")
+    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(auth))
+    if error is not None:
+        path = "/".join(str(part) for part in error.absolute_path) or "auth"
+        raise _invalid(f"'{path}'", error.message)
+    identity = auth["identity"]
+    methods = list(dict.fromkeys(identity["methods"]))
+    for method in methods:
+        if method not in identity:
+            raise _expecting(method, "identity")
+    if any(method not in AUTH_METHODS for method in methods):
+        raise Unauthorized("Attempted to authenticate with an unsupported method.")
+    if not methods:
+        raise Unauthorized()  # no method ran, so no user was found
+    user = identity["password"].get("user")
+    if user is None:
+        raise _expecting("user", "password")
+    _has_id_or_name(user, "identity/password/user")
+    if "domain" in user:
+        _has_id_or_name(user["domain"], "identity/password/user/domain")
+    if not user.get("id") and not user.get("name"):
+        raise _expecting("id or name", "user")
+    if user.get("name") and "domain" not in user:
+        raise _expecting("domain", "user")
+    if user.get("name") and not (user["domain"].get("id") or user["domain"].get("name")):
+        raise _expecting("id or name", "domain")
+    reference = Reference(id=user.get("id"), name=user.get("name"), domain=_domain(user))
+    return _scoped(auth.get("scope"), PasswordAuth(reference, user.get("password")))
+
+
+def _scoped(scope: Any, request: PasswordAuth) -> PasswordAuth:
+    """The request with the scope it asks for; Keystone wants exactly one kind."""
+    if scope is None:
+        return request
+    if isinstance(scope, str):
+        scope = {scope: {}}  # Keystone takes "unscoped" as {"unscoped": {}}
+    kinds = [kind for kind in SCOPES if kind in scope]
+    if len(kinds) != 1:
+        raise _expecting("system, project, domain, OS-TRUST:trust or unscoped", "scope")
+    [kind] = kinds
+    if kind == "domain":
+        _has_id_or_name(scope["domain"], "scope/domain")
+    if kind == "OS-TRUST:trust" and not scope[kind].get("id"):
+        raise _expecting("trust_id", "trust")
+    if kind != "project":
+        return replace(request, scope=kind)
+    project = scope["project"]
+    _has_id_or_name(project, "scope/project")
+    if "domain" in project:
+        _has_id_or_name(project["domain"], "scope/project/domain")
+    if project.get("name") and "domain" not in project:
+        raise _expecting("domain", "project")
+    reference = Reference(id=project.get("id"), name=project.get("name"), domain=_domain(project))
+    return replace(request, scope="project", project=reference)
 
 
 @router.post("/v3/auth/tokens", status_code=201, summary="Authenticate and issue a token")
-def issue_token(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
+async def issue_token(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
     tokens = _tokens(request)
-    user_key, password, project_key = _password_request(body)
-    user_name, project_name = _resolve(tokens.identity, user_key, project_key)
     try:
-        user = tokens.authenticate(user_name, password, project_name)
+        value, token = await tokens.login(password_auth(body))
+    except AccountLocked as locked:
+        # keystone.exception.AccountLocked, shown even without insecure_debug.
+        raise Unauthorized(f"The account is locked for user: {locked.user_id}.") from None
     except AuthenticationFailed:
         raise Unauthorized() from None
-    value, token = tokens.issue(user)
     return JSONResponse(
         {"token": _token_body(request, tokens.identity, token)},
         status_code=201,
@@ -134,7 +257,7 @@ def revoke_token(request: Request) -> Response:
 
 def _token_body(request: Request, identity: IdentityConfig, token: Token) -> dict[str, Any]:
     creds = token.credentials
-    root = str(request.base_url).rstrip("/")
+    root = public_url(request)
     return {
         "methods": ["password"],
         "user": {

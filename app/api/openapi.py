@@ -6,8 +6,8 @@ nor the faults they answer, and documents a 422 that never happens. This
 module post-processes FastAPI's document:
 
 - request bodies, from the same jsonschema documents ``app.api.validation``
-  enforces (a server registration is narrowed to this deployment's projects,
-  users and drivers, each driver's ``driver_info`` from its settings model);
+  enforces (a server registration is narrowed to this deployment's drivers,
+  each driver's ``driver_info`` from its settings model);
 - every status an operation can answer, with Nova's fault body
   (``{"itemNotFound": {"code": 404, "message": ...}}``), or Keystone's error
   body under /identity;
@@ -140,20 +140,31 @@ _TOKEN = _object(
     },
     {"project": _object({"id": _STRING, "name": _STRING})},
 )
-# Keystone v3 password authentication, as app.api.identity reads it.
-_AUTH_USER: Schema = {
+# Keystone v3 password authentication, as app.api.identity reads it: a user
+# by id, or by name within a domain; a project likewise. Other methods and
+# scopes are refused.
+_AUTH_DOMAIN: Schema = {
     "type": "object",
-    "required": ["password"],
-    "properties": {
-        "name": _STRING,
-        "id": _STRING,
-        "password": _STRING,
-        "domain": {"type": "object"},
-    },
+    "properties": {"id": _STRING, "name": _STRING},
     "anyOf": [
         {"required": ["name"], "properties": {"name": {"minLength": 1}}},
         {"required": ["id"], "properties": {"id": {"minLength": 1}}},
     ],
+}
+_BY_NAME_OR_ID: Schema = {
+    "anyOf": [
+        {"required": ["name", "domain"], "properties": {"name": {"minLength": 1}}},
+        {
+            "required": ["id"],
+            "properties": {"id": {"minLength": 1}, "name": {"maxLength": 0}},
+        },
+    ],
+}
+_AUTH_USER: Schema = {
+    "type": "object",
+    "required": ["password"],
+    "properties": {"name": _STRING, "id": _STRING, "password": _STRING, "domain": _AUTH_DOMAIN},
+    **_BY_NAME_OR_ID,
 }
 AUTH_TOKENS_BODY: Schema = {
     "type": "object",
@@ -167,7 +178,11 @@ AUTH_TOKENS_BODY: Schema = {
                     "type": "object",
                     "required": ["methods", "password"],
                     "properties": {
-                        "methods": {"type": "array", "items": _STRING},
+                        "methods": {
+                            "type": "array",
+                            "items": {"enum": ["password"]},
+                            "minItems": 1,
+                        },
                         "password": {
                             "type": "object",
                             "required": ["user"],
@@ -177,14 +192,12 @@ AUTH_TOKENS_BODY: Schema = {
                 },
                 "scope": {
                     "type": "object",
+                    "required": ["project"],
                     "properties": {
                         "project": {
                             "type": "object",
-                            "properties": {
-                                "name": _STRING,
-                                "id": _STRING,
-                                "domain": {"type": "object"},
-                            },
+                            "properties": {"name": _STRING, "id": _STRING, "domain": _AUTH_DOMAIN},
+                            **_BY_NAME_OR_ID,
                         }
                     },
                 },
@@ -357,9 +370,7 @@ def complete(document: dict[str, Any], config: Config) -> dict[str, Any]:
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
             spec = OPERATIONS.get((method, path), _GENERIC)
-            request = (
-                _register_body(config, schemas) if spec.request == "register" else spec.request
-            )
+            request = _register_body(schemas) if spec.request == "register" else spec.request
             _describe(operation, path, spec, request)
     if not schemas:
         del components["schemas"]
@@ -429,15 +440,14 @@ def _fault(status: int, path: str) -> dict[str, Any]:
     }
 
 
-def _register_body(config: Config, schemas: dict[str, Any]) -> Schema:
-    """validation.REGISTER_SERVER, narrowed to this service's projects, users and drivers."""
+def _register_body(schemas: dict[str, Any]) -> Schema:
+    """validation.REGISTER_SERVER, narrowed to this service's drivers.
+
+    Never to its projects and users: the document is served to anyone, and
+    names no account.
+    """
     body: Schema = copy.deepcopy(validation.REGISTER_SERVER)
     server = body["properties"]["server"]
-    identity = config.identity
-    projects = sorted({key for p in identity.projects for key in (p.name, p.project_id)})
-    users = sorted({key for u in identity.users for key in (u.name, u.user_id)})
-    server["properties"]["project_id"] = {"type": "string", "enum": projects}
-    server["properties"]["user_id"] = {"type": "string", "enum": users}
     branches = []
     for name in DRIVER_CLASSES:
         try:

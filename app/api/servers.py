@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from app import policy as rules
 from app.api import validation
 from app.api.deps import api_version, context, json_body, service
+from app.api.endpoint import public_url
 from app.api.microversion import TRIGGER_CRASH_DUMP_VERSION, APIVersion
 from app.api.views import server_detail, server_summary
 from app.exceptions import BadRequest, MalformedBody, NoSuchAction, NotFound
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/v2.1")
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/v2.1"
+    return public_url(request) + "/v2.1"
 
 
 def _detail(

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from app.api.endpoint import public_url
 from app.api.microversion import MAX_VERSION, MIN_VERSION
 
 router = APIRouter()
@@ -31,7 +32,7 @@ _VERSIONS: dict[str, dict[str, str]] = {
 
 def _entry(request: Request, version_id: str) -> dict[str, Any]:
     info = _VERSIONS[version_id]
-    root = str(request.base_url).rstrip("/")
+    root = public_url(request)
     return {
         "id": version_id,
         "status": info["status"],

@@ -14,6 +14,15 @@ from app.config import ConfigError, load_config
 from tests.live import FAKE_CLOUD, REPO, fake_cloud_config
 
 
+def _identity(**changes: object) -> dict[str, object]:
+    """The fake cloud's identity section with keys replaced, or its first user's."""
+    identity: dict[str, object] = fake_cloud_config()["identity"]
+    users = identity["users"]
+    assert isinstance(users, list)
+    users[0].update(changes.pop("first_user", {}))
+    return {**identity, **changes}
+
+
 def _write(tmp_path: Path, config: object) -> Path:
     path = tmp_path / "crashlab.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -32,6 +41,21 @@ def test_the_fake_cloud_loads() -> None:
         ({"nmi_guard": {"cooldown_seconds": -1}}, "nmi_guard.cooldown_seconds"),
         ({"max_body_bytes": "big"}, "max_body_bytes"),
         ({"unknown_key": 1}, "unknown_key"),
+        ({"public_endpoint": "ftp://crashlab.example"}, "public_endpoint"),
+        ({"public_endpoint": "http://crashlab.example:port"}, "public_endpoint"),
+        ({"public_endpoint": "http://crashlab.example/?x=1"}, "public_endpoint"),
+        (
+            {"identity": _identity(security_compliance={"lockout_failure_attempts": 0})},
+            "identity.security_compliance.lockout_failure_attempts",
+        ),
+        (
+            {"identity": _identity(security_compliance={"lockout_duration": "1h"})},
+            "identity.security_compliance.lockout_duration",
+        ),
+        (
+            {"identity": _identity(first_user={"password_hash": "admin-secret"})},
+            "identity.users.0.password_hash",
+        ),
         (
             {
                 "servers": [

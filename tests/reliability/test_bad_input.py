@@ -234,7 +234,9 @@ def test_wrong_passwords_of_any_shape_are_401(cloud: LiveServer, password: str) 
         "auth": {
             "identity": {
                 "methods": ["password"],
-                "password": {"user": {"name": "alice", "password": password}},
+                "password": {
+                    "user": {"name": "alice", "password": password, "domain": {"id": "default"}}
+                },
             }
         }
     }
