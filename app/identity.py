@@ -205,11 +205,6 @@ class TokenStore:
             return None
         return token
 
-    def project_of(self, value: str | None) -> str | None:
-        """The project a valid token is scoped to, else None."""
-        token = self.validate(value)
-        return token.credentials.project_id if token else None
-
     def revoke(self, value: str) -> bool:
         if self.validate(value) is None:
             return False

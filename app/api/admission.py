@@ -6,6 +6,9 @@ until one of its own finishes; beyond ``queue`` waiting they are refused with
 Nova's 429 ``overLimit`` and a Retry-After. A slot is released when the
 response has been sent, not when its background work (the NMI after a 202)
 ends. Requests without a valid token pass on, to get their 401.
+
+The token is validated here, once: the routes read it from the request's
+state (``app.api.deps.context``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.faults import fault_body
 from app.api.middleware import is_compute_path
+from app.identity import Token
 
 RETRY_AFTER_SECONDS = 1
 
@@ -35,23 +39,25 @@ class TenantAdmission:
     def __init__(
         self,
         app: ASGIApp,
-        project_of: Callable[[str | None], str | None],
+        validate: Callable[[str | None], Token | None],
         concurrency: int,
         queue: int,
     ) -> None:
         self.app = app
-        self.project_of = project_of
+        self.validate = validate
         self.concurrency = concurrency
         self.queue = queue
         self._shares: dict[str, _Share] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        project = None
+        token = None
         if scope["type"] == "http" and is_compute_path(scope["path"]):
-            project = self.project_of(_header(scope, b"x-auth-token"))
-        if project is None:
+            token = self.validate(_header(scope, b"x-auth-token"))
+            scope.setdefault("state", {})["token"] = token
+        if token is None:
             await self.app(scope, receive, send)
             return
+        project = token.credentials.project_id
         share = self._shares.setdefault(project, _Share(self.concurrency))
         if share.slots.locked() and share.waiting >= self.queue:
             await _refuse(send, scope["path"], project)

@@ -82,7 +82,7 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(
         TenantAdmission,
-        project_of=app.state.tokens.project_of,
+        validate=app.state.tokens.validate,
         concurrency=config.tenant_requests.concurrency,
         queue=config.tenant_requests.queue,
     )
