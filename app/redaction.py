@@ -68,7 +68,8 @@ def redact(details: str, driver_info: Mapping[str, Any]) -> str:
 
 
 def _setting_values(driver_info: Mapping[str, Any]) -> Iterator[str]:
-    """Every string the settings hold, and the host and user inside a URL."""
+    """Every string the settings hold, and the host, user and port inside a URL
+    (ssh, for one, names the port on its own: "connect to host ... port N")."""
     for value in driver_info.values():
         if not isinstance(value, str) or not value.strip():
             continue
@@ -76,3 +77,5 @@ def _setting_values(driver_info: Mapping[str, Any]) -> Iterator[str]:
         parts = urlsplit(value)
         if parts.scheme and parts.netloc:
             yield from (part for part in (parts.hostname, parts.username) if part)
+            if parts.port is not None:
+                yield str(parts.port)

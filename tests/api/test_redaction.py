@@ -34,7 +34,7 @@ CASES = [
     (
         REDFISH,
         "HTTPSConnectionPool(host='bmc9.example.net', port=8443): login as root refused",
-        "HTTPSConnectionPool(host='[redacted]', port=8443): login as [redacted] refused",
+        "HTTPSConnectionPool(host='[redacted]', port=[redacted]): login as [redacted] refused",
     ),
     (
         LIBVIRT,

@@ -30,7 +30,7 @@ from tests.reliability.cloud import (
 BMC_USER = "opsuser"
 IPMI_PORT = free_port(kind=2)  # UDP
 LIBVIRT_PORT = free_port()
-LIBVIRT_URI = f"qemu+tcp://{BMC_USER}@127.0.0.1:{LIBVIRT_PORT}/system"
+LIBVIRT_URI = f"qemu+ssh://{BMC_USER}@127.0.0.1:{LIBVIRT_PORT}/system"
 SERVERS = [
     {
         **fake_server("ipmi-nowhere"),
@@ -53,7 +53,7 @@ SERVERS = [
 # What a member must not read, and what the admin's details do hold.
 HIDDEN = {
     "ipmi-nowhere": ["127.0.0.1", str(IPMI_PORT)],
-    "libvirt-nowhere": [LIBVIRT_URI, BMC_USER, "127.0.0.1", str(LIBVIRT_PORT), "qemu+tcp"],
+    "libvirt-nowhere": [LIBVIRT_URI, BMC_USER, "127.0.0.1", str(LIBVIRT_PORT), "qemu+ssh"],
 }
 
 
