@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-# nova/api/openstack/wsgi.py Fault._fault_names; anything else is computeFault.
+# Nova's fault names (Fault._fault_names); anything else is computeFault.
 FAULT_NAMES: dict[int, str] = {
     400: "badRequest",
     401: "unauthorized",
@@ -124,7 +124,7 @@ class InstanceNotFound(NotFound):
 
 class InstanceActionNotFound(NotFound):
     def __init__(self, request_id: str, instance_id: str) -> None:
-        # nova/api/openstack/compute/instance_actions.py show
+        # Nova's instance actions API (show)
         super().__init__(f"Action {request_id} not found")
 
 

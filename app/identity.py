@@ -14,7 +14,7 @@ the threads that serve the API, so a flood of logins queues behind itself;
 past ``MAX_PENDING_LOGINS`` a login is refused at once (503) rather than queued.
 
 Keystone's account lockout (``[security_compliance] lockout_failure_attempts``
-and ``lockout_duration``), as keystone/identity/backends/sql.py does it:
+and ``lockout_duration``), as Keystone's SQL identity backend does it:
 failed logins are counted per user in ``identity_failed_logins``; once a user
 has ``lockout_failure_attempts`` of them, it is refused, right password or
 not and without a password check, until ``lockout_duration`` seconds have

@@ -1,6 +1,6 @@
 """Nova's policy rules, enforced with oslo.policy, overridable by a policy.yaml.
 
-Rule names and defaults follow Nova at HEAD (nova/policies/*.py), with
+Rule names and defaults follow Nova at HEAD (Nova's policy modules), with
 enforce_new_defaults on, as Nova has had since 27.0.0. crashlab's extension
 has rules of its own, named ``crashlab:...``; each option of its trigger has
 its own rule, checked only when the option is used.

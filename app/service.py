@@ -1,6 +1,6 @@
 """The compute service: decides what may happen to a server and records it.
 
-It follows nova/compute/api.py: look the instance up (project-scoped unless
+It follows Nova's compute API: look the instance up (project-scoped unless
 admin), check policy, the lock and the state, record the instance action,
 then hand the driver call to the dispatcher. It knows nothing of HTTP.
 """
@@ -42,7 +42,7 @@ LOG = logging.getLogger(__name__)
 
 TRIGGER_CRASH_DUMP = "trigger_crash_dump"
 CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
-# nova/compute/vm_states.py ALLOW_TRIGGER_CRASH_DUMP
+# Nova's vm states that allow a crash dump (ALLOW_TRIGGER_CRASH_DUMP)
 ALLOW_TRIGGER_CRASH_DUMP = ("active", "paused", "rescued", "resized", "error")
 
 # How a live power state reads as a vm_state (Nova keeps vm_state in its
@@ -235,7 +235,7 @@ class ComputeService:
     def lock(self, ctx: Context, server_id: str) -> None:
         record = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.LOCK, _target(record), ctx.credentials)
-        # nova/compute/api.py lock: an owner re-locking changes nothing, so an
+        # Nova's compute API (lock): an owner re-locking changes nothing, so an
         # admin's lock stays the admin's (and the owner still cannot lift it).
         by = "owner" if record.project_id == ctx.project_id else "admin"
         try:
@@ -439,7 +439,7 @@ def _target(record: ServerRecord) -> dict[str, str]:
 
 
 def _check_instance_lock(ctx: Context, record: ServerRecord) -> None:
-    # nova/compute/api.py check_instance_lock: any admin passes, owners do not.
+    # Nova's compute API (check_instance_lock): any admin passes, owners do not.
     if record.locked and not ctx.is_admin:
         raise exc.InstanceIsLocked(record.uuid)
 

@@ -99,7 +99,7 @@ def may_have_sent_nmi(error: DriverError) -> bool:
 
 
 class PowerState(enum.IntEnum):
-    """Nova's power_state values (nova/compute/power_state.py)."""
+    """Nova's power_state values."""
 
     NOSTATE = 0
     RUNNING = 1

@@ -47,7 +47,7 @@ from drivers.base import (
 )
 from drivers.uris import LibvirtURI, parse_libvirt_uri
 
-# nova/virt/libvirt/driver.py LIBVIRT_POWER_STATE
+# Nova's libvirt driver (LIBVIRT_POWER_STATE)
 _POWER = {
     libvirt.VIR_DOMAIN_NOSTATE: PowerState.NOSTATE,
     libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,

@@ -1,7 +1,7 @@
 """Choose QEMU's accelerator: KVM where it actually works, TCG otherwise.
 
 ``/dev/kvm`` existing is not enough: on some nested hosts a direct-kernel guest
-under KVM prints nothing at all (testbed-notes.md). So KVM is chosen only after
+under KVM prints nothing at all, spinning with no console output. So KVM is chosen only after
 a probe guest booted under it reaches its READY marker in time. The verdict is
 cached per host (kernel, QEMU version, CPU flags) in ``$CRASHLAB_CACHE/accel.json``.
 ``$CRASHLAB_ACCEL=tcg|kvm`` skips the probe.

@@ -54,7 +54,7 @@ BUILDER_VERSION = "1"
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 
-# Load order matters: each module needs the ones before it (testbed-notes.md).
+# Load order matters: each module needs the ones before it.
 VIRTIO_MODULES = (
     "virtio_ring",
     "virtio",
@@ -67,7 +67,7 @@ VIRTIO_MODULES = (
 # The crash kernel's command line, as Debian's kdump-tools builds it.
 CRASH_KERNEL_CMDLINE = "console=ttyS0 irqpoll nr_cpus=1 reset_devices"
 
-# 256 MiB is the reservation testbed-notes.md verified with 768 MiB of guest RAM.
+# 256 MiB is the reservation verified on this testbed with 768 MiB of guest RAM.
 CRASHKERNEL = "256M"
 
 READY_MARKER = "CRASHLAB-READY"

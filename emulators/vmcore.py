@@ -32,7 +32,7 @@ DISKDUMP_SIGNATURE = b"DISKDUMP"
 
 # struct disk_dump_header begins: char signature[8]; int header_version;
 # struct new_utsname { char sysname, nodename, release, version, machine,
-# domainname [65]; } (makedumpfile's diskdump_mod.h).
+# domainname [65]; } (makedumpfile's dump header).
 _HEADER = struct.Struct("<8si" + "65s" * 6)
 UTSNAME_FIELDS = ("sysname", "nodename", "release", "version", "machine", "domainname")
 

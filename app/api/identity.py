@@ -80,7 +80,7 @@ _NAMED_REF: Schema = {
     "type": "object",
     "properties": {"id": _STRING, "name": _STRING, "domain": _DOMAIN_REF},
 }
-# keystone/auth/schema.py token_issue, for the parts crashlab reads.
+# Keystone's auth request schema (token_issue), for the parts crashlab reads.
 TOKEN_ISSUE: Schema = {
     "type": "object",
     "properties": {
@@ -149,9 +149,9 @@ def _domain(ref: dict[str, Any]) -> Domain | None:
 def password_auth(body: Any) -> PasswordAuth:
     """A v3 password authentication request, checked as Keystone checks it.
 
-    The body's shape first (keystone/auth/schema.py), then the methods: each
+    The body's shape first (Keystone's auth request schema), then the methods: each
     needs its payload (400) and must be one crashlab supports (401), as
-    keystone/auth/core.py AuthInfo does; then the user and scope references.
+    Keystone's AuthInfo does; then the user and scope references.
     """
     auth = body.get("auth") if isinstance(body, dict) else None
     if not auth:

@@ -41,7 +41,7 @@ def _detail(
 
 
 def _all_tenants(request: Request) -> bool:
-    """nova/api/openstack/common.py is_all_tenants: present and empty is true, else
+    """Nova's API (is_all_tenants): present and empty is true, else
     oslo's strict bool_from_string, whose ValueError Nova answers with 400."""
     value = request.query_params.get("all_tenants")
     if not value:
@@ -101,7 +101,7 @@ def server_action(
     version: APIVersion = Depends(api_version),
     compute: ComputeService = Depends(service),
 ) -> Response:
-    # nova/api/openstack/wsgi.py action_peek: exactly one top-level key.
+    # Nova's WSGI layer (action_peek): exactly one top-level key.
     if not isinstance(body, dict) or len(body) != 1:
         raise MalformedBody()
     name = next(iter(body))

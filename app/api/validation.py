@@ -1,6 +1,6 @@
 """Request body schemas, checked with jsonschema and worded as Nova words them.
 
-nova/api/validation/validators.py: an error at a path reads "Invalid input for
+Nova's API validators: an error at a path reads "Invalid input for
 field/attribute <last path element>. Value: <value>. <jsonschema message>".
 Unlike Nova, the value and the message are taken from a copy of the body in
 which every secret field of every driver (a BMC password, a private key) is
@@ -18,7 +18,7 @@ from app.backends import SECRET_MASK
 from app.exceptions import ValidationFailed
 from drivers import all_driver_classes
 
-# nova/api/openstack/compute/schemas/servers.py
+# Nova's server action schemas
 TRIGGER_CRASH_DUMP = {
     "type": "object",
     "properties": {"trigger_crash_dump": {"type": "null"}},
@@ -40,7 +40,7 @@ UNLOCK = {
     "required": ["unlock"],
     "additionalProperties": False,
 }
-# nova/api/openstack/compute/schemas/admin_actions.py reset_state
+# Nova's admin actions schema (reset_state)
 RESET_STATE = {
     "type": "object",
     "properties": {

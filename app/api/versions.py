@@ -11,7 +11,7 @@ from app.api.microversion import MAX_VERSION, MIN_VERSION
 
 router = APIRouter()
 
-# nova/api/openstack/compute/versions.py VERSIONS
+# Nova's version documents (VERSIONS)
 _VERSIONS: dict[str, dict[str, str]] = {
     "v2.0": {
         "status": "DEPRECATED",

@@ -14,7 +14,7 @@ from app.api.microversion import (
 from app.service import ServerView
 from app.store import ActionEvent, InstanceAction
 
-# nova/api/openstack/common.py _STATE_MAP, for the states crashlab derives.
+# Nova's API state map (_STATE_MAP), for the states crashlab derives.
 STATUS_FOR_VM_STATE = {
     "active": "ACTIVE",
     "paused": "PAUSED",
@@ -24,7 +24,7 @@ STATUS_FOR_VM_STATE = {
     "rescued": "RESCUE",
     "resized": "VERIFY_RESIZE",
 }
-# nova/api/openstack/compute/views/servers.py _progress_statuses
+# Nova's server view (_progress_statuses)
 PROGRESS_STATUSES = ("ACTIVE", "BUILD", "REBUILD", "RESIZE", "VERIFY_RESIZE", "MIGRATING")
 FLAVOR_ID = "1"
 

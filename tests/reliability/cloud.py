@@ -17,7 +17,7 @@ from app.config import ID_NAMESPACE
 from app.identity import hash_password
 from tests.live import fake_cloud_config
 
-# Nova's fault names (nova/api/openstack/wsgi.py Fault._fault_names).
+# Nova's fault names (Fault._fault_names).
 FAULT_NAMES = {
     400: "badRequest",
     401: "unauthorized",

@@ -190,7 +190,7 @@ FALSE = ["0", "f", "false", "off", "n", "no", "F", "False", "%20no"]
 
 
 def test_all_tenants_is_read_as_nova_reads_it(admin: httpx.Client, alice: httpx.Client) -> None:
-    """nova/api/openstack/common.py is_all_tenants: present and empty is true; any other
+    """Nova's API (is_all_tenants): present and empty is true; any other
     value goes through strutils.bool_from_string(strict=True), and 400 if unrecognised."""
     everyone = _names(admin, "all_tenants=1")
     assert "bob-active" in everyone and "alice-active" in everyone

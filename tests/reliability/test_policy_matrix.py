@@ -5,7 +5,7 @@ crashlab's answers:
 
 - the instance is looked up project-scoped unless the caller is admin
   (``common.get_instance``): another project's member gets 404;
-- then the call's policy rule (nova/policies/*.py at HEAD, enforce_new_defaults):
+- then the call's policy rule (Nova's policy modules at HEAD, enforce_new_defaults):
   trigger_crash_dump, lock and unlock are PROJECT_MEMBER_OR_ADMIN, reset_state
   is ADMIN, instance-actions list and show are PROJECT_READER_OR_ADMIN, and
   a failed rule is 403;
