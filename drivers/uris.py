@@ -35,6 +35,18 @@ _SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")
 # means urlsplit's own clean-ups (it drops tabs and newlines) never matter.
 _URI_CHARACTERS = re.compile(r"[A-Za-z0-9+.:/@\[\]_%?#=&-]+")
 
+_HOST = rf"{_LABEL.pattern}(\.{_LABEL.pattern})*"
+_PORT = r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}))?"
+# For the API's document: a host as check_host takes it (a subset: no IPv6
+# literals), and the libvirt allow-list as one regular expression. The
+# functions here stay the rule.
+HOST_PATTERN = rf"^{_HOST}$"
+LIBVIRT_URI_PATTERN = (
+    r"^(qemu:///(system|session)|test:///default"
+    rf"|qemu\+ssh://({_SSH_USER.pattern}@)?{_HOST}{_PORT}/system"
+    rf"|qemu\+tls://{_HOST}{_PORT}/system)$"
+)
+
 Transport = Literal["local", "ssh", "tls", "test"]
 
 

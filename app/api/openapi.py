@@ -35,6 +35,7 @@ from app.api.middleware import is_compute_path
 from app.config import Config
 from app.exceptions import fault_name
 from drivers import DRIVER_CLASSES, driver_class
+from drivers.uris import HOST_PATTERN, LIBVIRT_URI_PATTERN
 
 LOG = logging.getLogger(__name__)
 
@@ -333,7 +334,31 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
 _GENERIC = Operation(200, {"type": "object"}, errors=(403, 404, 409))
 # What settings validators check that pydantic cannot put in a JSON schema.
 _SETTINGS_PATTERNS: dict[tuple[str, str], str] = {
-    ("redfish", "address"): "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9/._-]*)?$",
+    ("redfish", "address"): f"^https?://{HOST_PATTERN[1:-1]}(:([1-9][0-9]{{0,3}}|[1-5][0-9]{{4}}))?(/redfish/v1)?$",
+    ("ipmi", "address"): HOST_PATTERN,
+    ("libvirt", "uri"): LIBVIRT_URI_PATTERN,
+}
+
+
+def _given(field_name: str) -> Schema:
+    return {"required": [field_name], "properties": {field_name: {"type": "string"}}}
+
+
+def _uri_of(transport: str) -> Schema:
+    return {"required": ["uri"], "properties": {"uri": {"pattern": f"^qemu\\+{transport}://"}}}
+
+
+_TLS = ("tls_ca_cert", "tls_client_cert", "tls_client_key")
+# Rules between fields (the settings models' after-validators), as JSON Schema:
+# an ssh key needs a qemu+ssh URI; the TLS material goes together, with qemu+tls.
+_SETTINGS_RULES: dict[str, list[Schema]] = {
+    "libvirt": [
+        {"if": _given("ssh_private_key"), "then": _uri_of("ssh")},
+        *(
+            {"if": _given(name), "then": {"allOf": [_uri_of("tls"), *map(_given, _TLS)]}}
+            for name in _TLS
+        ),
+    ],
 }
 
 
@@ -370,7 +395,11 @@ def complete(document: dict[str, Any], config: Config) -> dict[str, Any]:
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
             spec = OPERATIONS.get((method, path), _GENERIC)
-            request = _register_body(schemas) if spec.request == "register" else spec.request
+            request = (
+                _register_body(schemas, config.test_drivers)
+                if spec.request == "register"
+                else spec.request
+            )
             _describe(operation, path, spec, request)
     if not schemas:
         del components["schemas"]
@@ -440,8 +469,10 @@ def _fault(status: int, path: str) -> dict[str, Any]:
     }
 
 
-def _register_body(schemas: dict[str, Any]) -> Schema:
-    """validation.REGISTER_SERVER, narrowed to this service's drivers.
+def _register_body(schemas: dict[str, Any], test_drivers: bool) -> Schema:
+    """validation.REGISTER_SERVER, narrowed to what this service takes through the API:
+    its drivers (test backends only with ``test_drivers``), without the fields
+    only the config file may set.
 
     Never to its projects and users: the document is served to anyone, and
     names no account.
@@ -455,11 +486,19 @@ def _register_body(schemas: dict[str, Any]) -> Schema:
         except ImportError as error:  # an optional backend library is missing
             LOG.warning("driver %s left out of the API document: %s", name, error)
             continue
+        if settings_model.test_backend and not test_drivers:
+            continue
         settings = settings_model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(settings.pop("$defs", {}))
+        for field_name in settings_model.config_only_fields:
+            settings["properties"].pop(field_name, None)
+            if field_name in settings.get("required", []):
+                settings["required"].remove(field_name)
         for (driver, field_name), pattern in _SETTINGS_PATTERNS.items():
             if driver == name:
                 settings["properties"][field_name]["pattern"] = pattern
+        if name in _SETTINGS_RULES:
+            settings["allOf"] = _SETTINGS_RULES[name]
         branch: Schema = {
             "properties": {"driver": {"const": name}, "driver_info": settings},
         }
