@@ -334,7 +334,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
 _GENERIC = Operation(200, {"type": "object"}, errors=(403, 404, 409))
 # What settings validators check that pydantic cannot put in a JSON schema.
 _SETTINGS_PATTERNS: dict[tuple[str, str], str] = {
-    ("redfish", "address"): f"^https?://{HOST_PATTERN[1:-1]}(:([1-9][0-9]{{0,3}}|[1-5][0-9]{{4}}))?(/redfish/v1)?$",
+    (
+        "redfish",
+        "address",
+    ): f"^https?://{HOST_PATTERN[1:-1]}(:([1-9][0-9]{{0,3}}|[1-5][0-9]{{4}}))?(/redfish/v1)?$",
     ("ipmi", "address"): HOST_PATTERN,
     ("libvirt", "uri"): LIBVIRT_URI_PATTERN,
 }
