@@ -28,7 +28,7 @@ def _base(request: Request) -> str:
 def _detail(
     request: Request, compute: ComputeService, ctx: Context, version: APIVersion, view: ServerView
 ) -> dict[str, Any]:
-    target = {"project_id": view.record.project_id}
+    target = {"project_id": view.server.project_id}
     return server_detail(
         view,
         _base(request),
