@@ -228,10 +228,6 @@ class ComputeService:
             if elapsed < guard.cooldown_seconds:
                 raise _cooling_down(server.uuid, elapsed, guard)
 
-    def clear_nmi_cooldown(self, server_uuid: str) -> None:
-        """After an NMI that certainly was not sent, a retry need not wait."""
-        self.store.clear_nmi_cooldown(server_uuid)
-
     def lock(self, ctx: Context, server_id: str) -> None:
         server = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.LOCK, _target(server), ctx.credentials)

@@ -42,7 +42,7 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     backends = Backends(box, config.backends)
     lease = ProcessLease(store, config.lease_seconds)
     compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box, lease.id)
-    dispatcher = CrashDumpDispatcher(compute, backends, timeout=config.driver_timeout_seconds)
+    dispatcher = CrashDumpDispatcher(store, backends, timeout=config.driver_timeout_seconds)
     sync = PowerStateSync(store, backends, config)
     _load_inventory(config, store, box)
 
