@@ -21,11 +21,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.background import BackgroundTask
 
 from app import policy as rules
 from app.api import validation
 from app.api.deps import context, json_body, service
+from app.api.servers import accept_crash_dump
 from app.api.views import action_event, instance_action
 from app.backends import masked_settings
 from app.redaction import redact
@@ -103,8 +103,7 @@ def forced_trigger(
         rule=rules.EXTENSION_TRIGGER_CRASH_DUMP,
         ignore_nmi_guard=options.get("ignore_nmi_guard", False),
     )
-    dispatcher = request.app.state.dispatcher
-    return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
+    return accept_crash_dump(request, pending)
 
 
 @router.get(
