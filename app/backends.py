@@ -88,11 +88,6 @@ class CircuitBreaker:
             if self._consecutive >= self.failures:
                 self._open_until = time.monotonic() + self.reset_seconds
 
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._consecutive >= self.failures
-
 
 class Bulkhead:
     """One backend's threads, its bound on calls in flight, and its breaker."""

@@ -7,7 +7,6 @@ then hand the driver call to the dispatcher. It knows nothing of HTTP.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import uuid as uuidlib
@@ -445,7 +444,3 @@ def _is_uuid_like(value: str) -> bool:
         return str(uuidlib.UUID(value)).replace("-", "") == value.replace("-", "").lower()
     except (ValueError, AttributeError, TypeError):
         return False
-
-
-def iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="microseconds") if value else None
