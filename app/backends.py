@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from app.config import BackendsConfig
 from app.crypto import SecretBox
-from app.store import ServerRecord
+from app.store import Server
 from drivers import driver_class
 from drivers.base import BackendUnreachable, Driver, DriverError, PowerState
 
@@ -88,11 +88,6 @@ class CircuitBreaker:
             if self._consecutive >= self.failures:
                 self._open_until = time.monotonic() + self.reset_seconds
 
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._consecutive >= self.failures
-
 
 class Bulkhead:
     """One backend's threads, its bound on calls in flight, and its breaker."""
@@ -143,23 +138,23 @@ class Backends:
         self._bulkheads: dict[str, Bulkhead] = {}
         self._lock = threading.Lock()
 
-    def driver_for(self, record: ServerRecord) -> Driver:
+    def driver_for(self, server: Server) -> Driver:
         # Cached per server; rebuilt when its driver or settings change.
-        key = (record.driver, repr(sorted(record.driver_info.items())))
+        key = (server.driver, repr(sorted(server.driver_info.items())))
         with self._lock:
-            cached = self._drivers.get(record.uuid)
+            cached = self._drivers.get(server.uuid)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        cls = driver_class(record.driver)
+        cls = driver_class(server.driver)
         secret_fields = cls.settings_model.secret_fields
         raw = {
             k: self._box.decrypt(v) if k in secret_fields else v
-            for k, v in record.driver_info.items()
+            for k, v in server.driver_info.items()
         }
-        driver = cls(record.uuid, cls.parse_settings(raw))
+        driver = cls(server.uuid, cls.parse_settings(raw))
         with self._lock:
-            old = self._drivers.get(record.uuid)
-            self._drivers[record.uuid] = (key, driver)
+            old = self._drivers.get(server.uuid)
+            self._drivers[server.uuid] = (key, driver)
         if old is not None:
             self._close(old[1])
         return driver
@@ -179,14 +174,14 @@ class Backends:
         if cached is not None:
             self._close(cached[1])
 
-    def submit_nmi(self, record: ServerRecord) -> concurrent.futures.Future[None]:
+    def submit_nmi(self, server: Server) -> concurrent.futures.Future[None]:
         """Send the server's NMI in its backend's bulkhead (no breaker: an NMI is asked for)."""
-        driver = self.driver_for(record)
+        driver = self.driver_for(server)
         return self.bulkhead(driver).submit(driver.trigger_crash_dump)
 
-    def submit_power_state(self, record: ServerRecord) -> concurrent.futures.Future[PowerState]:
+    def submit_power_state(self, server: Server) -> concurrent.futures.Future[PowerState]:
         """Read the server's power state in its bulkhead, if its breaker lets it."""
-        driver = self.driver_for(record)
+        driver = self.driver_for(server)
         bulkhead = self.bulkhead(driver)
         if not bulkhead.breaker.allow():
             raise BreakerOpen(
@@ -196,31 +191,31 @@ class Backends:
         future.add_done_callback(lambda done: _record_answer(bulkhead.breaker, done))
         return future
 
-    def power_state(self, record: ServerRecord, timeout: float) -> PowerState | None:
+    def power_state(self, server: Server, timeout: float) -> PowerState | None:
         """The live power state, or None if it cannot be read within ``timeout``.
 
         Only an idle backend is read: while earlier calls to it are still out,
         a caller does not add its wait to theirs, and gets None at once.
         """
-        if not self.bulkhead(self.driver_for(record)).idle:
+        if not self.bulkhead(self.driver_for(server)).idle:
             return None
         try:
-            future = self.submit_power_state(record)
+            future = self.submit_power_state(server)
             return future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            self.note_no_answer(record)
-            LOG.info("power state of %s: no answer within %g s", record.uuid, timeout)
+            self.note_no_answer(server)
+            LOG.info("power state of %s: no answer within %g s", server.uuid, timeout)
         except DriverError as exc:
-            LOG.info("power state of %s unknown: %s", record.uuid, exc)
+            LOG.info("power state of %s unknown: %s", server.uuid, exc)
         except Exception:
-            LOG.exception("power state of %s failed", record.uuid)
+            LOG.exception("power state of %s failed", server.uuid)
         return None
 
-    def note_no_answer(self, record: ServerRecord) -> None:
+    def note_no_answer(self, server: Server) -> None:
         """A read its caller stopped waiting for counts against the backend's breaker
         at once: a hung call may never return to count itself."""
-        self.bulkhead(self.driver_for(record)).breaker.record(False)
+        self.bulkhead(self.driver_for(server)).breaker.record(False)
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,8 @@ import traceback
 from starlette.concurrency import run_in_threadpool
 
 from app.backends import Backends, BackendTimeout
-from app.service import ComputeService, PendingCrashDump
+from app.service import PendingCrashDump
+from app.store import Store
 from drivers.base import DriverError, may_have_sent_nmi
 
 LOG = logging.getLogger(__name__)
@@ -29,14 +30,15 @@ REMOVED_DETAILS = "the server was removed before the NMI was sent; nothing was s
 
 
 class CrashDumpDispatcher:
-    def __init__(self, service: ComputeService, backends: Backends, timeout: float) -> None:
-        self.service = service
+    """Sends each accepted NMI through ``backends`` and records its event in ``store``."""
+
+    def __init__(self, store: Store, backends: Backends, timeout: float) -> None:
+        self.store = store
         self.backends = backends
         self.timeout = timeout
 
     async def run(self, pending: PendingCrashDump) -> None:
-        store = self.service.store
-        if not await run_in_threadpool(store.begin_sending, pending.event_id):
+        if not await run_in_threadpool(self.store.begin_sending, pending.event_id):
             # Deleted with its server (or already ended): there is nothing to record.
             LOG.info("trigger_crash_dump %s: %s", pending.action.request_id, REMOVED_DETAILS)
             return
@@ -50,11 +52,11 @@ class CrashDumpDispatcher:
             if future is not None and future.cancelled():
                 # It waited behind the backend's earlier calls and never ran.
                 details += "; nothing was sent"
-                await run_in_threadpool(self.service.clear_nmi_cooldown, pending.server.uuid)
+                await run_in_threadpool(self.store.clear_nmi_cooldown, pending.server.uuid)
         except DriverError as error:
             result, details, frames = "Error", error.message, _frames(error)
             if not may_have_sent_nmi(error):
-                await run_in_threadpool(self.service.clear_nmi_cooldown, pending.server.uuid)
+                await run_in_threadpool(self.store.clear_nmi_cooldown, pending.server.uuid)
         except Exception as error:
             # Nova records the class name of a non-Nova exception as details.
             LOG.exception("trigger_crash_dump of %s failed", pending.server.uuid)
@@ -67,7 +69,7 @@ class CrashDumpDispatcher:
             f" ({details})" if details else "",
         )
         await run_in_threadpool(
-            store.finish_event,
+            self.store.finish_event,
             pending.event_id,
             result=result,
             details=details,

@@ -262,7 +262,10 @@ class TokenStore:
         new = insert(FailedLogins).values(user_id=user_id, count=1, last_failed_at=_naive(now))
         counted = new.on_conflict_do_update(
             index_elements=[FailedLogins.user_id],
-            set_={"count": FailedLogins.count + 1, "last_failed_at": _naive(now)},
+            set_={
+                FailedLogins.count: FailedLogins.count + 1,
+                FailedLogins.last_failed_at: _naive(now),
+            },
         )
         with Session(self.engine) as session, session.begin():
             session.execute(counted)
@@ -287,10 +290,11 @@ class TokenStore:
             expires_at=_naive(now + dt.timedelta(seconds=self.identity.token_ttl_seconds)),
             audit_id=secrets.token_urlsafe(16),
         )
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+        token = _token(record)
+        with Session(self.engine) as session, session.begin():
             session.execute(delete(TokenRecord).where(TokenRecord.expires_at <= _naive(now)))
             session.add(record)
-        return f"{token_id}.{secret}", _token(record)
+        return f"{token_id}.{secret}", token
 
 
 def _token(record: TokenRecord) -> Token:

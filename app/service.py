@@ -7,7 +7,6 @@ then hand the driver call to the dispatcher. It knows nothing of HTTP.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import uuid as uuidlib
@@ -29,9 +28,9 @@ from app.store import (
     InstanceAction,
     LockedByOther,
     NMIOnItsWay,
+    Server,
     ServerGone,
     ServerLocked,
-    ServerRecord,
     Store,
     utcnow,
 )
@@ -79,20 +78,20 @@ class Context:
 class ServerView:
     """A server with its live state, what the API layer renders."""
 
-    record: ServerRecord
+    server: Server
     power_state: PowerState
     vm_state: str
 
     @property
     def host_id(self) -> str:
-        return hashlib.sha224((self.record.project_id + self.record.driver).encode()).hexdigest()
+        return hashlib.sha224((self.server.project_id + self.server.driver).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class PendingCrashDump:
     """An accepted trigger_crash_dump whose driver call is still to run."""
 
-    server: ServerRecord
+    server: Server
     action: InstanceAction
     event_id: int
 
@@ -120,17 +119,17 @@ class ComputeService:
 
     # Lookup
 
-    def get_instance(self, ctx: Context, server_id: str) -> ServerRecord:
+    def get_instance(self, ctx: Context, server_id: str) -> Server:
         """Nova's common.get_instance: 404 for unknown ids and other projects."""
-        record = self.store.get_server(server_id) if _is_uuid_like(server_id) else None
-        if record is None or (not ctx.is_admin and record.project_id != ctx.project_id):
+        server = self.store.get_server(server_id) if _is_uuid_like(server_id) else None
+        if server is None or (not ctx.is_admin and server.project_id != ctx.project_id):
             raise exc.InstanceNotFound(server_id)
-        return record
+        return server
 
     def show(self, ctx: Context, server_id: str) -> ServerView:
-        record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rules.SERVERS_SHOW, _target(record), ctx.credentials)
-        return stored_view(record)
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.SERVERS_SHOW, _target(server), ctx.credentials)
+        return stored_view(server)
 
     def list_servers(
         self,
@@ -149,20 +148,20 @@ class ComputeService:
             )
             self.policy.authorize(all_rule, {"project_id": ctx.project_id}, ctx.credentials)
             project_id = None
-        records = self.store.list_servers(project_id=project_id, name=name)
-        return [stored_view(r) for r in records]
+        servers = self.store.list_servers(project_id=project_id, name=name)
+        return [stored_view(s) for s in servers]
 
-    def live_view(self, record: ServerRecord) -> ServerView:
+    def live_view(self, server: Server) -> ServerView:
         """The server with its state read live, bounded; the stored state if no answer.
 
         Only the trigger path reads live, and only its own target.
         """
-        power = self.backends.power_state(record, timeout=self.state_timeout)
+        power = self.backends.power_state(server, timeout=self.state_timeout)
         if power is None:
-            return stored_view(record)
-        if power != record.last_power_state:
-            self.store.record_power_states({record.uuid: int(power)})
-        return ServerView(record, power, record.vm_state_override or VM_STATE_FOR_POWER[power])
+            return stored_view(server)
+        if power != server.last_power_state:
+            self.store.record_power_states({server.uuid: int(power)})
+        return ServerView(server, power, server.vm_state_override or VM_STATE_FOR_POWER[power])
 
     # Actions
 
@@ -183,24 +182,24 @@ class ComputeService:
         ``rule`` is the policy rule of the API that was called: Nova's, or the
         extension's; each option then passes its own rule.
         """
-        record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rule, _target(record), ctx.credentials)
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rule, _target(server), ctx.credentials)
         if ignore_nmi_guard:
-            self.policy.authorize(rules.BYPASS_NMI_GUARD, _target(record), ctx.credentials)
-        _check_instance_lock(ctx, record)
+            self.policy.authorize(rules.BYPASS_NMI_GUARD, _target(server), ctx.credentials)
+        _check_instance_lock(ctx, server)
         guard = (
             None if ignore_nmi_guard or not self.config.nmi_guard.enabled else self.config.nmi_guard
         )
         if guard is not None:
-            self._check_nmi_guard(record, guard)
-        view = self.live_view(record)
+            self._check_nmi_guard(server, guard)
+        view = self.live_view(server)
         if view.vm_state not in ALLOW_TRIGGER_CRASH_DUMP:
             raise exc.InstanceInvalidState(
-                TRIGGER_CRASH_DUMP, record.uuid, "vm_state", view.vm_state
+                TRIGGER_CRASH_DUMP, server.uuid, "vm_state", view.vm_state
             )
         try:
             action = self.store.start_crash_dump(
-                record.uuid,
+                server.uuid,
                 start=_start(ctx),
                 event_name=CRASH_DUMP_EVENT,
                 host=self.config.host_name,
@@ -211,81 +210,77 @@ class ComputeService:
         except ServerGone:
             raise exc.InstanceNotFound(server_id) from None
         except ServerLocked:
-            raise exc.InstanceIsLocked(record.uuid) from None
+            raise exc.InstanceIsLocked(server.uuid) from None
         except DumpInProgress:
-            raise _dump_in_progress(record.uuid) from None
+            raise _dump_in_progress(server.uuid) from None
         except DumpCoolingDown as cooling:
             assert guard is not None
-            raise _cooling_down(record.uuid, cooling.elapsed, guard) from None
-        return PendingCrashDump(record, action, action.events[0].id)
+            raise _cooling_down(server.uuid, cooling.elapsed, guard) from None
+        return PendingCrashDump(server, action, action.events[0].id)
 
-    def _check_nmi_guard(self, record: ServerRecord, guard: NMIGuardConfig) -> None:
+    def _check_nmi_guard(self, server: Server, guard: NMIGuardConfig) -> None:
         """The storm guard as the state file had it: refuses a storm before any backend read."""
-        if self.store.running_event_count(record.uuid, CRASH_DUMP_EVENT):
-            raise _dump_in_progress(record.uuid)
-        if record.last_crash_dump_at is not None:
-            elapsed = (utcnow() - record.last_crash_dump_at).total_seconds()
+        if self.store.running_event_count(server.uuid, CRASH_DUMP_EVENT):
+            raise _dump_in_progress(server.uuid)
+        if server.last_crash_dump_at is not None:
+            elapsed = (utcnow() - server.last_crash_dump_at).total_seconds()
             if elapsed < guard.cooldown_seconds:
-                raise _cooling_down(record.uuid, elapsed, guard)
-
-    def clear_nmi_cooldown(self, server_uuid: str) -> None:
-        """After an NMI that certainly was not sent, a retry need not wait."""
-        self.store.clear_nmi_cooldown(server_uuid)
+                raise _cooling_down(server.uuid, elapsed, guard)
 
     def lock(self, ctx: Context, server_id: str) -> None:
-        record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rules.LOCK, _target(record), ctx.credentials)
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.LOCK, _target(server), ctx.credentials)
         # Nova's compute API (lock): an owner re-locking changes nothing, so an
         # admin's lock stays the admin's (and the owner still cannot lift it).
-        by = "owner" if record.project_id == ctx.project_id else "admin"
+        by = "owner" if server.project_id == ctx.project_id else "admin"
         try:
-            self.store.lock(record.uuid, by=by, start=_start(ctx))
+            self.store.lock(server.uuid, by=by, start=_start(ctx))
         except ServerGone:
             raise exc.InstanceNotFound(server_id) from None
 
     def unlock(self, ctx: Context, server_id: str) -> None:
-        record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rules.UNLOCK, _target(record), ctx.credentials)
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.UNLOCK, _target(server), ctx.credentials)
         # Nova's compute API is_expected_locked_by: an owner cannot lift an
         # admin's lock without unlock_override.
-        expected = "owner" if record.project_id == ctx.project_id else "admin"
+        expected = "owner" if server.project_id == ctx.project_id else "admin"
         may_lift = {expected}
-        if self.policy.allowed(rules.UNLOCK_OVERRIDE, _target(record), ctx.credentials):
+        if self.policy.allowed(rules.UNLOCK_OVERRIDE, _target(server), ctx.credentials):
             may_lift |= {"owner", "admin"}
         try:
-            self.store.unlock(record.uuid, may_lift=frozenset(may_lift), start=_start(ctx))
+            self.store.unlock(server.uuid, may_lift=frozenset(may_lift), start=_start(ctx))
         except ServerGone:
             raise exc.InstanceNotFound(server_id) from None
         except LockedByOther:
             raise exc.PolicyNotAuthorized(rules.UNLOCK_OVERRIDE) from None
 
     def reset_state(self, ctx: Context, server_id: str, state: str) -> None:
-        record = self.get_instance(ctx, server_id)
-        self.policy.authorize(rules.RESET_STATE, {"project_id": record.project_id}, ctx.credentials)
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.RESET_STATE, {"project_id": server.project_id}, ctx.credentials)
         try:
-            self.store.reset_vm_state(record.uuid, RESET_STATES[state], _start(ctx))
+            self.store.reset_vm_state(server.uuid, RESET_STATES[state], _start(ctx))
         except ServerGone:
             raise exc.InstanceNotFound(server_id) from None
 
     # Instance actions
 
     def list_actions(self, ctx: Context, server_id: str) -> list[InstanceAction]:
-        record = self.get_instance(ctx, server_id)
+        server = self.get_instance(ctx, server_id)
         self.policy.authorize(
-            rules.ACTIONS_LIST, {"project_id": record.project_id}, ctx.credentials
+            rules.ACTIONS_LIST, {"project_id": server.project_id}, ctx.credentials
         )
-        return self.store.list_actions(record.uuid)
+        return self.store.list_actions(server.uuid)
 
     def get_action(
         self, ctx: Context, server_id: str, request_id: str
     ) -> tuple[InstanceAction, bool]:
         """The action, and whether the caller may see its events."""
-        record = self.get_instance(ctx, server_id)
-        target = {"project_id": record.project_id}
+        server = self.get_instance(ctx, server_id)
+        target = {"project_id": server.project_id}
         self.policy.authorize(rules.ACTIONS_SHOW, target, ctx.credentials)
-        action = self.store.get_action(record.uuid, request_id)
+        action = self.store.get_action(server.uuid, request_id)
         if action is None:
-            raise exc.InstanceActionNotFound(request_id, record.uuid)
+            raise exc.InstanceActionNotFound(request_id, server.uuid)
         return action, self.policy.allowed(rules.ACTIONS_EVENTS, target, ctx.credentials)
 
     # crashlab extension: the inventory
@@ -293,18 +288,18 @@ class ComputeService:
     def _authorize_manage(self, ctx: Context) -> None:
         self.policy.authorize(rules.MANAGE_SERVERS, {"project_id": ctx.project_id}, ctx.credentials)
 
-    def list_registered(self, ctx: Context) -> list[ServerRecord]:
+    def list_registered(self, ctx: Context) -> list[Server]:
         self._authorize_manage(ctx)
         return self.store.list_servers()
 
-    def get_registered(self, ctx: Context, server_id: str) -> ServerRecord:
+    def get_registered(self, ctx: Context, server_id: str) -> Server:
         self._authorize_manage(ctx)
         return self.get_instance(ctx, server_id)
 
-    def register_server(self, ctx: Context, spec: dict[str, Any]) -> ServerRecord:
+    def register_server(self, ctx: Context, spec: dict[str, Any]) -> Server:
         """Add a server at run time; ``spec`` is already schema-checked."""
         self._authorize_manage(ctx)
-        record = build_server_record(
+        server = build_server(
             self.config.identity,
             self.box,
             uuid=spec.get("uuid") or str(uuidlib.uuid4()),
@@ -316,25 +311,25 @@ class ComputeService:
             source="api",
             test_drivers=self.config.test_drivers,
         )
-        if not self.store.add_server(record):
-            raise exc.DuplicateServer(f"A server with uuid {record.uuid} already exists.")
-        return record
+        if not self.store.add_server(server):
+            raise exc.DuplicateServer(f"A server with uuid {server.uuid} already exists.")
+        return server
 
     def unregister_server(self, ctx: Context, server_id: str) -> None:
         """Remove a server and everything it owned; 409 while its NMI is on its way."""
         self._authorize_manage(ctx)
-        record = self.get_instance(ctx, server_id)
+        server = self.get_instance(ctx, server_id)
         try:
-            self.store.delete_server(record.uuid)
+            self.store.delete_server(server.uuid)
         except NMIOnItsWay:
             raise exc.Conflict(
-                f"An NMI to instance {record.uuid} is being sent; "
+                f"An NMI to instance {server.uuid} is being sent; "
                 "remove the server once its crash dump event has ended."
             ) from None
-        self.backends.forget(record.uuid)
+        self.backends.forget(server.uuid)
 
 
-def build_server_record(
+def build_server(
     identity: IdentityConfig,
     box: SecretBox,
     *,
@@ -346,8 +341,8 @@ def build_server_record(
     driver_info: dict[str, Any],
     source: str,
     test_drivers: bool = False,
-) -> ServerRecord:
-    """A validated server record, secrets encrypted; BadRequest if invalid.
+) -> Server:
+    """A validated server, secrets encrypted; BadRequest if invalid.
 
     ``source`` is "config" or "api": settings from the admin API may not set
     config-only fields, nor use test backends unless ``test_drivers``.
@@ -373,7 +368,7 @@ def build_server_record(
         ) from None
     stored = encrypt_secrets(driver, settings.model_dump(mode="json", exclude_none=True), box)
     now = utcnow()
-    return ServerRecord(
+    return Server(
         uuid=str(uuidlib.UUID(uuid)),
         name=name,
         project_id=project_config.project_id,
@@ -409,10 +404,10 @@ def _brief(error: ValidationError, model: type[DriverSettings]) -> str:
     return f"Invalid input for field/attribute {field}. {message}"
 
 
-def stored_view(record: ServerRecord) -> ServerView:
+def stored_view(server: Server) -> ServerView:
     """The server as the state file has it, kept current by the power-state sync."""
-    power = PowerState(record.last_power_state)
-    return ServerView(record, power, record.vm_state_override or VM_STATE_FOR_POWER[power])
+    power = PowerState(server.last_power_state)
+    return ServerView(server, power, server.vm_state_override or VM_STATE_FOR_POWER[power])
 
 
 def _start(ctx: Context) -> ActionStart:
@@ -434,14 +429,14 @@ def _dump_in_progress(server_uuid: str) -> exc.NMIGuardActive:
     )
 
 
-def _target(record: ServerRecord) -> dict[str, str]:
-    return {"user_id": record.user_id, "project_id": record.project_id}
+def _target(server: Server) -> dict[str, str]:
+    return {"user_id": server.user_id, "project_id": server.project_id}
 
 
-def _check_instance_lock(ctx: Context, record: ServerRecord) -> None:
+def _check_instance_lock(ctx: Context, server: Server) -> None:
     # Nova's compute API (check_instance_lock): any admin passes, owners do not.
-    if record.locked and not ctx.is_admin:
-        raise exc.InstanceIsLocked(record.uuid)
+    if server.locked and not ctx.is_admin:
+        raise exc.InstanceIsLocked(server.uuid)
 
 
 def _is_uuid_like(value: str) -> bool:
@@ -449,7 +444,3 @@ def _is_uuid_like(value: str) -> bool:
         return str(uuidlib.UUID(value)).replace("-", "") == value.replace("-", "").lower()
     except (ValueError, AttributeError, TypeError):
         return False
-
-
-def iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="microseconds") if value else None

@@ -8,6 +8,10 @@ decision that reads and then writes (the storm guard, a lock, a delete) is one
 write transaction begun with ``BEGIN IMMEDIATE``: SQLite's write lock is taken
 before the read, and no other process can decide in between. Nothing relies
 on a lock inside one process.
+
+The store speaks the domain: it returns frozen objects (Server,
+InstanceAction, ActionEvent, ServiceLease), and each write is a method named
+for what it does. Its ORM rows never leave this module.
 """
 
 from __future__ import annotations
@@ -42,13 +46,101 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+# The domain: what the store returns.
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server in crashlab's inventory and its runtime state."""
+
+    uuid: str
+    name: str
+    project_id: str
+    user_id: str
+    driver: str
+    # Driver settings with secret fields encrypted (see app.crypto).
+    driver_info: dict[str, Any]
+    source: str  # "config" or "api"
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    last_power_state: int
+    locked_by: str | None = None
+    # Set by os-resetState to "error"; None means the state is read live.
+    vm_state_override: str | None = None
+    last_crash_dump_at: dt.datetime | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self.locked_by is not None
+
+
+@dataclass(frozen=True)
+class ActionEvent:
+    """One step of an instance action, as Nova's instance_actions_events has it."""
+
+    id: int
+    action_id: int
+    event: str
+    start_time: dt.datetime
+    finish_time: dt.datetime | None
+    result: str | None
+    traceback: str | None
+    details: str | None
+    host: str | None
+    owner: str | None
+    sending_since: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class InstanceAction:
+    """An action on a server, as Nova's instance_actions has it, with its events."""
+
+    id: int
+    request_id: str
+    instance_uuid: str
+    action: str
+    user_id: str
+    project_id: str
+    start_time: dt.datetime
+    updated_at: dt.datetime | None
+    message: str | None
+    events: tuple[ActionEvent, ...]
+
+
+@dataclass(frozen=True)
+class ServiceLease:
+    """A live ``crashlab serve`` process, renewed while it runs.
+
+    Its unfinished events are failed only once its lease has lapsed, so one
+    process never fails the work of a live sibling.
+    """
+
+    id: str
+    host: str
+    pid: int
+    # The kernel's start time of that pid (/proc/<pid>/stat), so a reused pid
+    # is not mistaken for the process.
+    pid_started: int
+    renewed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ActionStart:
+    """Who starts an action, and its request id: the fields Nova records."""
+
+    request_id: str
+    user_id: str
+    project_id: str
+
+
+# The rows: private to this module.
+
+
 class Base(DeclarativeBase):
     pass
 
 
-class ServerRecord(Base):
-    """A server in crashlab's inventory and its runtime state."""
-
+class _ServerRow(Base):
     __tablename__ = "servers"
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -71,12 +163,8 @@ class ServerRecord(Base):
     power_sync_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     power_synced_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
-    @property
-    def locked(self) -> bool:
-        return self.locked_by is not None
 
-
-class InstanceAction(Base):
+class _ActionRow(Base):
     __tablename__ = "instance_actions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -88,12 +176,12 @@ class InstanceAction(Base):
     start_time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     message: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    events: Mapped[list[ActionEvent]] = relationship(
-        back_populates="action", order_by="ActionEvent.id", lazy="selectin"
+    events: Mapped[list[_EventRow]] = relationship(
+        back_populates="action", order_by="_EventRow.id", lazy="selectin"
     )
 
 
-class ActionEvent(Base):
+class _EventRow(Base):
     __tablename__ = "instance_actions_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -109,16 +197,10 @@ class ActionEvent(Base):
     # NMI is being sent: a server is not deleted under an NMI on its way.
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     sending_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
-    action: Mapped[InstanceAction] = relationship(back_populates="events")
+    action: Mapped[_ActionRow] = relationship(back_populates="events")
 
 
-class ServiceLease(Base):
-    """A live ``crashlab serve`` process, renewed while it runs.
-
-    Its unfinished events are failed only once its lease has lapsed, so one
-    process never fails the work of a live sibling.
-    """
-
+class _LeaseRow(Base):
     __tablename__ = "service_leases"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -158,25 +240,6 @@ class NMIOnItsWay(Exception):
     """An NMI to the server is being sent right now."""
 
 
-@dataclass(frozen=True)
-class ActionStart:
-    """Who starts an action, and its request id: the fields Nova records."""
-
-    request_id: str
-    user_id: str
-    project_id: str
-
-    def record(self, instance_uuid: str, action: str, now: dt.datetime) -> InstanceAction:
-        return InstanceAction(
-            request_id=self.request_id,
-            instance_uuid=instance_uuid,
-            action=action,
-            user_id=self.user_id,
-            project_id=self.project_id,
-            start_time=now,
-        )
-
-
 class Store:
     """All reads and writes of crashlab's state."""
 
@@ -196,49 +259,52 @@ class Store:
     def session(self) -> Iterator[Session]:
         """A read transaction. Writes use ``transaction``: a read that later writes
         would fail at once ("database is locked") if another process wrote between."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+        with Session(self.engine) as session, session.begin():
             yield session
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A write transaction holding SQLite's write lock from its first statement."""
-        with Session(self._writer, expire_on_commit=False) as session, session.begin():
+        with Session(self._writer) as session, session.begin():
             yield session
 
     # Servers
 
-    def get_server(self, server_uuid: str) -> ServerRecord | None:
+    def get_server(self, server_uuid: str) -> Server | None:
         with self.session() as session:
-            return session.get(ServerRecord, server_uuid)
+            row = session.get(_ServerRow, server_uuid)
+            return None if row is None else _server(row)
 
-    def list_servers(
-        self, project_id: str | None = None, name: str | None = None
-    ) -> list[ServerRecord]:
-        query = select(ServerRecord).order_by(ServerRecord.created_at.desc(), ServerRecord.uuid)
+    def list_servers(self, project_id: str | None = None, name: str | None = None) -> list[Server]:
+        query = select(_ServerRow).order_by(_ServerRow.created_at.desc(), _ServerRow.uuid)
         if project_id is not None:
-            query = query.where(ServerRecord.project_id == project_id)
+            query = query.where(_ServerRow.project_id == project_id)
         if name is not None:
-            query = query.where(ServerRecord.name == name)
+            query = query.where(_ServerRow.name == name)
         with self.session() as session:
-            return list(session.scalars(query))
+            return [_server(row) for row in session.scalars(query)]
 
-    def add_server(self, record: ServerRecord) -> bool:
+    def add_server(self, server: Server) -> bool:
         """Add a new server; False if its uuid is taken."""
         with self.transaction() as session:
-            if session.get(ServerRecord, record.uuid) is not None:
+            if session.get(_ServerRow, server.uuid) is not None:
                 return False
-            session.add(record)
+            session.add(_server_row(server))
             return True
 
-    def upsert_config_server(self, record: ServerRecord) -> None:
+    def upsert_config_server(self, server: Server) -> None:
         """Refresh a config server's static fields, keeping its runtime state."""
         with self.transaction() as session:
-            existing = session.get(ServerRecord, record.uuid)
-            if existing is None:
-                session.add(record)
+            row = session.get(_ServerRow, server.uuid)
+            if row is None:
+                session.add(_server_row(server))
                 return
-            for field in ("name", "project_id", "user_id", "driver", "driver_info", "source"):
-                setattr(existing, field, getattr(record, field))
+            row.name = server.name
+            row.project_id = server.project_id
+            row.user_id = server.user_id
+            row.driver = server.driver
+            row.driver_info = server.driver_info
+            row.source = server.source
 
     def delete_server(self, server_uuid: str) -> bool:
         """Delete a server with all it owned: its actions and their events.
@@ -247,25 +313,21 @@ class Store:
         while an NMI to it is being sent, so none reaches a deleted server.
         """
         with self.transaction() as session:
-            if session.get(ServerRecord, server_uuid) is None:
+            if session.get(_ServerRow, server_uuid) is None:
                 return False
-            action_ids = select(InstanceAction.id).where(
-                InstanceAction.instance_uuid == server_uuid
-            )
+            action_ids = select(_ActionRow.id).where(_ActionRow.instance_uuid == server_uuid)
             sending = session.scalars(
-                select(ActionEvent.id).where(
-                    ActionEvent.action_id.in_(action_ids),
-                    ActionEvent.sending_since.is_not(None),
-                    ActionEvent.finish_time.is_(None),
+                select(_EventRow.id).where(
+                    _EventRow.action_id.in_(action_ids),
+                    _EventRow.sending_since.is_not(None),
+                    _EventRow.finish_time.is_(None),
                 )
             ).first()
             if sending is not None:
                 raise NMIOnItsWay()
-            session.execute(delete(ActionEvent).where(ActionEvent.action_id.in_(action_ids)))
-            session.execute(
-                delete(InstanceAction).where(InstanceAction.instance_uuid == server_uuid)
-            )
-            session.execute(delete(ServerRecord).where(ServerRecord.uuid == server_uuid))
+            session.execute(delete(_EventRow).where(_EventRow.action_id.in_(action_ids)))
+            session.execute(delete(_ActionRow).where(_ActionRow.instance_uuid == server_uuid))
+            session.execute(delete(_ServerRow).where(_ServerRow.uuid == server_uuid))
             return True
 
     def record_power_states(self, states: dict[str, int]) -> None:
@@ -274,79 +336,69 @@ class Store:
         with self.transaction() as session:
             for server_uuid, power_state in states.items():
                 session.execute(
-                    update(ServerRecord)
-                    .where(ServerRecord.uuid == server_uuid)
+                    update(_ServerRow)
+                    .where(_ServerRow.uuid == server_uuid)
                     .values(last_power_state=power_state, power_synced_at=now)
                 )
 
     def clear_nmi_cooldown(self, server_uuid: str) -> None:
+        """After an NMI that certainly was not sent, a retry need not wait."""
         with self.transaction() as session:
             session.execute(
-                update(ServerRecord)
-                .where(ServerRecord.uuid == server_uuid)
+                update(_ServerRow)
+                .where(_ServerRow.uuid == server_uuid)
                 .values(last_crash_dump_at=None)
             )
 
-    def claim_power_syncs(self, interval_seconds: float) -> list[ServerRecord]:
+    def claim_power_syncs(self, interval_seconds: float) -> list[Server]:
         """The servers due a power-state read, each claimed by one process only."""
         now = utcnow()
         with self.transaction() as session:
             due = list(
                 session.scalars(
-                    select(ServerRecord).where(
+                    select(_ServerRow).where(
                         or_(
-                            ServerRecord.power_sync_due_at.is_(None),
-                            ServerRecord.power_sync_due_at <= now,
+                            _ServerRow.power_sync_due_at.is_(None),
+                            _ServerRow.power_sync_due_at <= now,
                         )
                     )
                 )
             )
-            for record in due:
-                record.power_sync_due_at = now + dt.timedelta(seconds=interval_seconds)
-            return due
+            for row in due:
+                row.power_sync_due_at = now + dt.timedelta(seconds=interval_seconds)
+            return [_server(row) for row in due]
 
     # Decisions: each is one write transaction.
 
     def lock(self, server_uuid: str, *, by: str, start: ActionStart) -> None:
         """Nova's lock: an owner's lock never replaces a lock; an admin's replaces an owner's."""
         with self.transaction() as session:
-            record = session.get(ServerRecord, server_uuid)
-            if record is None:
+            row = session.get(_ServerRow, server_uuid)
+            if row is None:
                 raise ServerGone()
-            if record.locked and by == "owner":
+            if row.locked_by is not None and by == "owner":
                 return
-            record.locked_by = by
-            self._instant_action(session, record, "lock", start)
+            row.locked_by = by
+            _instant_action(session, row, "lock", start)
 
     def unlock(self, server_uuid: str, *, may_lift: frozenset[str], start: ActionStart) -> None:
         """Lift a lock placed by one of ``may_lift``; LockedByOther names any other locker."""
         with self.transaction() as session:
-            record = session.get(ServerRecord, server_uuid)
-            if record is None:
+            row = session.get(_ServerRow, server_uuid)
+            if row is None:
                 raise ServerGone()
-            if record.locked_by is not None and record.locked_by not in may_lift:
-                raise LockedByOther(record.locked_by)
-            record.locked_by = None
-            self._instant_action(session, record, "unlock", start)
+            if row.locked_by is not None and row.locked_by not in may_lift:
+                raise LockedByOther(row.locked_by)
+            row.locked_by = None
+            _instant_action(session, row, "unlock", start)
 
     def reset_vm_state(self, server_uuid: str, vm_state: str | None, start: ActionStart) -> None:
         with self.transaction() as session:
-            record = session.get(ServerRecord, server_uuid)
-            if record is None:
+            row = session.get(_ServerRow, server_uuid)
+            if row is None:
                 raise ServerGone()
-            record.vm_state_override = vm_state
-            self._instant_action(session, record, "resetState", start)
-
-    @staticmethod
-    def _instant_action(
-        session: Session, record: ServerRecord, action: str, start: ActionStart
-    ) -> None:
-        # An action that ends as it starts, saving the instance as Nova's does.
-        now = utcnow()
-        record.updated_at = now
-        instant = start.record(record.uuid, action, now)
-        instant.updated_at = now
-        session.add(instant)
+            row.vm_state_override = vm_state
+            _instant_action(session, row, "resetState", start)
 
     def start_crash_dump(
         self,
@@ -368,25 +420,26 @@ class Store:
         """
         now = utcnow()
         with self.transaction() as session:
-            record = session.get(ServerRecord, server_uuid)
-            if record is None:
+            row = session.get(_ServerRow, server_uuid)
+            if row is None:
                 raise ServerGone()
-            if refuse_locked and record.locked:
+            if refuse_locked and row.locked_by is not None:
                 raise ServerLocked()
             if cooldown_seconds is not None:
                 if _running_events(session, server_uuid, event_name):
                     raise DumpInProgress()
-                if record.last_crash_dump_at is not None:
-                    elapsed = (now - record.last_crash_dump_at).total_seconds()
+                if row.last_crash_dump_at is not None:
+                    elapsed = (now - row.last_crash_dump_at).total_seconds()
                     if elapsed < cooldown_seconds:
                         raise DumpCoolingDown(elapsed)
-            action = start.record(server_uuid, "trigger_crash_dump", now)
+            action = _action_row(start, server_uuid, "trigger_crash_dump", now)
             action.events.append(
-                ActionEvent(event=event_name, start_time=now, host=host, owner=owner)
+                _EventRow(event=event_name, start_time=now, host=host, owner=owner)
             )
             session.add(action)
-            record.last_crash_dump_at = now
-        return action
+            row.last_crash_dump_at = now
+            session.flush()  # assigns the ids
+            return _action(action)
 
     def running_event_count(self, instance_uuid: str, event_name: str) -> int:
         with self.session() as session:
@@ -396,10 +449,10 @@ class Store:
         """Mark an event's NMI as on its way; False if the event or its server is gone."""
         now = utcnow()
         with self.transaction() as session:
-            row = session.get(ActionEvent, event_id)
+            row = session.get(_EventRow, event_id)
             if row is None or row.finish_time is not None:
                 return False
-            if session.get(ServerRecord, row.action.instance_uuid) is None:
+            if session.get(_ServerRow, row.action.instance_uuid) is None:
                 return False
             row.sending_since = now
             return True
@@ -422,59 +475,65 @@ class Store:
         now = utcnow()
         with self.transaction() as session:
             finished = session.execute(
-                update(ActionEvent)
-                .where(ActionEvent.id == event_id, ActionEvent.finish_time.is_(None))
+                update(_EventRow)
+                .where(_EventRow.id == event_id, _EventRow.finish_time.is_(None))
                 .values(finish_time=now, result=result, details=details, traceback=traceback)
             )
             if finished.rowcount != 1:  # type: ignore[attr-defined]
                 return False
-            event_row = session.get(ActionEvent, event_id)
+            event_row = session.get(_EventRow, event_id)
             assert event_row is not None
-            values: dict[str, Any] = {"updated_at": now}
+            action = event_row.action
+            action.updated_at = now
             if result == "Error":
-                values["message"] = "Error"
-            session.execute(
-                update(InstanceAction)
-                .where(InstanceAction.id == event_row.action_id)
-                .values(**values)
-            )
+                action.message = "Error"
         return True
 
     def list_actions(self, instance_uuid: str) -> list[InstanceAction]:
         # Newest first, as Nova's instance_actions_get orders them.
         query = (
-            select(InstanceAction)
-            .where(InstanceAction.instance_uuid == instance_uuid)
-            .order_by(InstanceAction.start_time.desc(), InstanceAction.id.desc())
+            select(_ActionRow)
+            .where(_ActionRow.instance_uuid == instance_uuid)
+            .order_by(_ActionRow.start_time.desc(), _ActionRow.id.desc())
         )
         with self.session() as session:
-            return list(session.scalars(query))
+            return [_action(row) for row in session.scalars(query)]
 
     def get_action(self, instance_uuid: str, request_id: str) -> InstanceAction | None:
         query = (
-            select(InstanceAction)
+            select(_ActionRow)
             .where(
-                InstanceAction.instance_uuid == instance_uuid,
-                InstanceAction.request_id == request_id,
+                _ActionRow.instance_uuid == instance_uuid,
+                _ActionRow.request_id == request_id,
             )
-            .order_by(InstanceAction.id.desc())
+            .order_by(_ActionRow.id.desc())
         )
         with self.session() as session:
-            return session.scalars(query).first()
+            row = session.scalars(query).first()
+            return None if row is None else _action(row)
 
     # Service leases
 
     def renew_lease(self, lease: ServiceLease) -> None:
+        """Write the lease, as new or over its earlier renewal."""
         with self.transaction() as session:
-            session.merge(lease)
+            session.merge(
+                _LeaseRow(
+                    id=lease.id,
+                    host=lease.host,
+                    pid=lease.pid,
+                    pid_started=lease.pid_started,
+                    renewed_at=lease.renewed_at,
+                )
+            )
 
     def end_lease(self, lease_id: str) -> None:
         with self.transaction() as session:
-            session.execute(delete(ServiceLease).where(ServiceLease.id == lease_id))
+            session.execute(delete(_LeaseRow).where(_LeaseRow.id == lease_id))
 
     def list_leases(self) -> list[ServiceLease]:
         with self.session() as session:
-            return list(session.scalars(select(ServiceLease)))
+            return [_lease(row) for row in session.scalars(select(_LeaseRow))]
 
     def fail_orphaned_events(self, live_owners: set[str], details: str) -> int:
         """Fail every running event whose owner is not among ``live_owners``.
@@ -484,27 +543,129 @@ class Store:
         with self.transaction() as session:
             ids = list(
                 session.scalars(
-                    select(ActionEvent.id).where(
-                        ActionEvent.finish_time.is_(None),
-                        or_(ActionEvent.owner.is_(None), ActionEvent.owner.not_in(live_owners)),
+                    select(_EventRow.id).where(
+                        _EventRow.finish_time.is_(None),
+                        or_(_EventRow.owner.is_(None), _EventRow.owner.not_in(live_owners)),
                     )
                 )
             )
-            session.execute(delete(ServiceLease).where(ServiceLease.id.not_in(live_owners)))
+            session.execute(delete(_LeaseRow).where(_LeaseRow.id.not_in(live_owners)))
         for event_id in ids:
             self.finish_event(event_id, result="Error", details=details)
         return len(ids)
 
 
+def _instant_action(session: Session, row: _ServerRow, action: str, start: ActionStart) -> None:
+    # An action that ends as it starts, saving the instance as Nova's does.
+    now = utcnow()
+    row.updated_at = now
+    instant = _action_row(start, row.uuid, action, now)
+    instant.updated_at = now
+    session.add(instant)
+
+
+def _action_row(
+    start: ActionStart, instance_uuid: str, action: str, now: dt.datetime
+) -> _ActionRow:
+    return _ActionRow(
+        request_id=start.request_id,
+        instance_uuid=instance_uuid,
+        action=action,
+        user_id=start.user_id,
+        project_id=start.project_id,
+        start_time=now,
+    )
+
+
+# Rows to domain objects and back, field for field.
+
+
+def _server(row: _ServerRow) -> Server:
+    return Server(
+        uuid=row.uuid,
+        name=row.name,
+        project_id=row.project_id,
+        user_id=row.user_id,
+        driver=row.driver,
+        driver_info=dict(row.driver_info),
+        source=row.source,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        last_power_state=row.last_power_state,
+        locked_by=row.locked_by,
+        vm_state_override=row.vm_state_override,
+        last_crash_dump_at=row.last_crash_dump_at,
+    )
+
+
+def _server_row(server: Server) -> _ServerRow:
+    return _ServerRow(
+        uuid=server.uuid,
+        name=server.name,
+        project_id=server.project_id,
+        user_id=server.user_id,
+        driver=server.driver,
+        driver_info=dict(server.driver_info),
+        source=server.source,
+        created_at=server.created_at,
+        updated_at=server.updated_at,
+        last_power_state=server.last_power_state,
+        locked_by=server.locked_by,
+        vm_state_override=server.vm_state_override,
+        last_crash_dump_at=server.last_crash_dump_at,
+    )
+
+
+def _action(row: _ActionRow) -> InstanceAction:
+    return InstanceAction(
+        id=row.id,
+        request_id=row.request_id,
+        instance_uuid=row.instance_uuid,
+        action=row.action,
+        user_id=row.user_id,
+        project_id=row.project_id,
+        start_time=row.start_time,
+        updated_at=row.updated_at,
+        message=row.message,
+        events=tuple(_event(event) for event in row.events),
+    )
+
+
+def _event(row: _EventRow) -> ActionEvent:
+    return ActionEvent(
+        id=row.id,
+        action_id=row.action_id,
+        event=row.event,
+        start_time=row.start_time,
+        finish_time=row.finish_time,
+        result=row.result,
+        traceback=row.traceback,
+        details=row.details,
+        host=row.host,
+        owner=row.owner,
+        sending_since=row.sending_since,
+    )
+
+
+def _lease(row: _LeaseRow) -> ServiceLease:
+    return ServiceLease(
+        id=row.id,
+        host=row.host,
+        pid=row.pid,
+        pid_started=row.pid_started,
+        renewed_at=row.renewed_at,
+    )
+
+
 def _running_events(session: Session, instance_uuid: str, event_name: str) -> int:
     query = (
-        select(ActionEvent.id)
-        .join(InstanceAction)
+        select(_EventRow.id)
+        .join(_ActionRow)
         .where(
             and_(
-                InstanceAction.instance_uuid == instance_uuid,
-                ActionEvent.event == event_name,
-                ActionEvent.finish_time.is_(None),
+                _ActionRow.instance_uuid == instance_uuid,
+                _EventRow.event == event_name,
+                _EventRow.finish_time.is_(None),
             )
         )
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 from app.backends import Backends
 from app.config import Config
-from app.store import ServerRecord, Store
+from app.store import Server, Store
 from drivers.base import DriverError
 
 LOG = logging.getLogger(__name__)
@@ -35,12 +35,12 @@ class PowerStateSync:
     async def run_once(self) -> int:
         """One pass over the due servers; returns how many answered."""
         due = await asyncio.to_thread(self.store.claim_power_syncs, self.interval)
-        reads: dict[asyncio.Future[Any], ServerRecord] = {}
-        for record in due:
+        reads: dict[asyncio.Future[Any], Server] = {}
+        for server in due:
             try:
-                reads[asyncio.wrap_future(self.backends.submit_power_state(record))] = record
+                reads[asyncio.wrap_future(self.backends.submit_power_state(server))] = server
             except DriverError as error:
-                LOG.debug("power state of %s not read: %s", record.uuid, error)
+                LOG.debug("power state of %s not read: %s", server.uuid, error)
         if not reads:
             return 0
         done, pending = await asyncio.wait(reads, timeout=self.timeout)
@@ -49,11 +49,11 @@ class PowerStateSync:
             self.backends.note_no_answer(reads[future])
         states = {}
         for future in done:
-            record = reads[future]
+            server = reads[future]
             if future.exception() is None:
-                states[record.uuid] = int(future.result())
+                states[server.uuid] = int(future.result())
             else:
-                LOG.info("power state of %s unknown: %s", record.uuid, future.exception())
+                LOG.info("power state of %s unknown: %s", server.uuid, future.exception())
         if states:
             await asyncio.to_thread(self.store.record_power_states, states)
         return len(states)

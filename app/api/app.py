@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ from app.dispatch import CrashDumpDispatcher
 from app.identity import TokenStore
 from app.leases import ProcessLease
 from app.policy import PolicyEnforcer
-from app.service import ComputeService, build_server_record
+from app.service import ComputeService, build_server
 from app.store import Store
 from app.sync import PowerStateSync
 
@@ -41,7 +42,7 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     backends = Backends(box, config.backends)
     lease = ProcessLease(store, config.lease_seconds)
     compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box, lease.id)
-    dispatcher = CrashDumpDispatcher(compute, backends, timeout=config.driver_timeout_seconds)
+    dispatcher = CrashDumpDispatcher(store, backends, timeout=config.driver_timeout_seconds)
     sync = PowerStateSync(store, backends, config)
     _load_inventory(config, store, box)
 
@@ -94,7 +95,7 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
 def _load_inventory(config: Config, store: Store, box: SecretBox) -> None:
     """Config servers are upserted; their runtime state is kept across restarts."""
     for server in config.servers:
-        record = build_server_record(
+        built = build_server(
             config.identity,
             box,
             uuid=server.server_uuid,
@@ -105,6 +106,7 @@ def _load_inventory(config: Config, store: Store, box: SecretBox) -> None:
             driver_info=server.driver_info,
             source="config",
         )
-        record.vm_state_override = server.vm_state
-        record.locked_by = server.locked_by
-        store.upsert_config_server(record)
+        # The config's state applies to a new server only (see upsert_config_server).
+        store.upsert_config_server(
+            replace(built, vm_state_override=server.vm_state, locked_by=server.locked_by)
+        )

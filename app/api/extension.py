@@ -21,31 +21,31 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.background import BackgroundTask
 
 from app import policy as rules
 from app.api import validation
 from app.api.deps import context, json_body, service
+from app.api.servers import accept_crash_dump
 from app.api.views import action_event, instance_action
 from app.backends import masked_settings
 from app.redaction import redact
 from app.service import ComputeService, Context
-from app.store import ServerRecord
+from app.store import Server
 from drivers import all_driver_classes
 
 router = APIRouter(prefix="/v2.1/crashlab")
 
 
-def registration(record: ServerRecord) -> dict[str, Any]:
+def registration(server: Server) -> dict[str, Any]:
     return {
-        "uuid": record.uuid,
-        "name": record.name,
-        "project_id": record.project_id,
-        "user_id": record.user_id,
-        "driver": record.driver,
-        "driver_info": masked_settings(record.driver, record.driver_info),
-        "source": record.source,
-        "locked_by": record.locked_by,
+        "uuid": server.uuid,
+        "name": server.name,
+        "project_id": server.project_id,
+        "user_id": server.user_id,
+        "driver": server.driver,
+        "driver_info": masked_settings(server.driver, server.driver_info),
+        "source": server.source,
+        "locked_by": server.locked_by,
     }
 
 
@@ -53,7 +53,7 @@ def registration(record: ServerRecord) -> dict[str, Any]:
 def list_registered(
     ctx: Context = Depends(context), compute: ComputeService = Depends(service)
 ) -> dict[str, Any]:
-    return {"servers": [registration(r) for r in compute.list_registered(ctx)]}
+    return {"servers": [registration(s) for s in compute.list_registered(ctx)]}
 
 
 @router.post("/servers", status_code=201, summary="Register a server (admin)")
@@ -63,8 +63,8 @@ def register_server(
     compute: ComputeService = Depends(service),
 ) -> JSONResponse:
     validation.validate(validation.REGISTER_SERVER, body)
-    record = compute.register_server(ctx, body["server"])
-    return JSONResponse({"server": registration(record)}, status_code=201)
+    server = compute.register_server(ctx, body["server"])
+    return JSONResponse({"server": registration(server)}, status_code=201)
 
 
 @router.get("/servers/{server_id}", summary="Show a registered server (admin)")
@@ -103,8 +103,7 @@ def forced_trigger(
         rule=rules.EXTENSION_TRIGGER_CRASH_DUMP,
         ignore_nmi_guard=options.get("ignore_nmi_guard", False),
     )
-    dispatcher = request.app.state.dispatcher
-    return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
+    return accept_crash_dump(request, pending)
 
 
 @router.get(
@@ -118,9 +117,9 @@ def show_action_details(
     compute: ComputeService = Depends(service),
 ) -> dict[str, Any]:
     action, show_traceback = compute.get_action(ctx, server_id, request_id)
-    record = compute.get_instance(ctx, server_id)
+    server = compute.get_instance(ctx, server_id)
     whole = compute.policy.allowed(
-        rules.ACTIONS_EVENTS_DETAILS, {"project_id": record.project_id}, ctx.credentials
+        rules.ACTIONS_EVENTS_DETAILS, {"project_id": server.project_id}, ctx.credentials
     )
     events = []
     for event in action.events:
@@ -128,7 +127,7 @@ def show_action_details(
         shown["details"] = (
             event.details
             if whole or event.details is None
-            else redact(event.details, record.driver_info)
+            else redact(event.details, server.driver_info)
         )
         if not show_traceback:
             del shown["traceback"]

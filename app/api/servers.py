@@ -16,7 +16,7 @@ from app.api.endpoint import public_url
 from app.api.microversion import TRIGGER_CRASH_DUMP_VERSION, APIVersion
 from app.api.views import server_detail, server_summary
 from app.exceptions import BadRequest, MalformedBody, NoSuchAction, NotFound
-from app.service import ComputeService, Context, ServerView
+from app.service import ComputeService, Context, PendingCrashDump, ServerView
 
 router = APIRouter(prefix="/v2.1")
 
@@ -28,7 +28,7 @@ def _base(request: Request) -> str:
 def _detail(
     request: Request, compute: ComputeService, ctx: Context, version: APIVersion, view: ServerView
 ) -> dict[str, Any]:
-    target = {"project_id": view.record.project_id}
+    target = {"project_id": view.server.project_id}
     return server_detail(
         view,
         _base(request),
@@ -123,7 +123,11 @@ def _trigger_crash_dump(
     if version < TRIGGER_CRASH_DUMP_VERSION:
         raise NotFound()
     validation.validate(validation.TRIGGER_CRASH_DUMP, body)
-    pending = compute.trigger_crash_dump(ctx, server_id)
+    return accept_crash_dump(request, compute.trigger_crash_dump(ctx, server_id))
+
+
+def accept_crash_dump(request: Request, pending: PendingCrashDump) -> Response:
+    """Nova's 202 for an accepted trigger; the driver call runs once it is sent."""
     dispatcher = request.app.state.dispatcher
     return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
 

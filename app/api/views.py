@@ -46,8 +46,8 @@ def _links(base: str, collection: str, item_id: str) -> list[dict[str, str]]:
 
 
 def server_summary(view: ServerView, base: str) -> dict[str, Any]:
-    record = view.record
-    return {"id": record.uuid, "name": record.name, "links": _links(base, "servers", record.uuid)}
+    server = view.server
+    return {"id": server.uuid, "name": server.name, "links": _links(base, "servers", server.uuid)}
 
 
 def server_detail(
@@ -58,13 +58,13 @@ def server_detail(
     show_extended: bool,
     show_host_status: bool,
 ) -> dict[str, Any]:
-    record = view.record
+    server = view.server
     status = STATUS_FOR_VM_STATE.get(view.vm_state, "UNKNOWN")
-    server: dict[str, Any] = {
+    body: dict[str, Any] = {
         **server_summary(view, base),
         "status": status,
-        "tenant_id": record.project_id,
-        "user_id": record.user_id,
+        "tenant_id": server.project_id,
+        "user_id": server.user_id,
         "metadata": {},
         "hostId": view.host_id,
         "image": "",
@@ -72,8 +72,8 @@ def server_detail(
             "id": FLAVOR_ID,
             "links": [{"rel": "bookmark", "href": f"{base.rsplit('/v2.1', 1)[0]}/flavors/1"}],
         },
-        "created": created_time(record.created_at),
-        "updated": created_time(record.updated_at),
+        "created": created_time(server.created_at),
+        "updated": created_time(server.updated_at),
         "addresses": {},
         "accessIPv4": "",
         "accessIPv6": "",
@@ -81,7 +81,7 @@ def server_detail(
         "OS-EXT-AZ:availability_zone": "nova",
         "config_drive": "",
         "key_name": None,
-        "OS-SRV-USG:launched_at": event_time(record.created_at),
+        "OS-SRV-USG:launched_at": event_time(server.created_at),
         "OS-SRV-USG:terminated_at": None,
         "security_groups": [{"name": "default"}],
         "OS-EXT-STS:task_state": None,
@@ -90,17 +90,17 @@ def server_detail(
         "os-extended-volumes:volumes_attached": [],
     }
     if status in PROGRESS_STATUSES:
-        server["progress"] = 0
+        body["progress"] = 0
     if show_extended:
-        server["OS-EXT-SRV-ATTR:host"] = "crashlab"
-        server["OS-EXT-SRV-ATTR:hypervisor_hostname"] = record.driver
-        server["OS-EXT-SRV-ATTR:instance_name"] = record.name
+        body["OS-EXT-SRV-ATTR:host"] = "crashlab"
+        body["OS-EXT-SRV-ATTR:hypervisor_hostname"] = server.driver
+        body["OS-EXT-SRV-ATTR:instance_name"] = server.name
         if version >= EXTENDED_ATTRIBUTES_VERSION:
-            server.update(
+            body.update(
                 {
                     "OS-EXT-SRV-ATTR:reservation_id": "",
                     "OS-EXT-SRV-ATTR:launch_index": 0,
-                    "OS-EXT-SRV-ATTR:hostname": record.name,
+                    "OS-EXT-SRV-ATTR:hostname": server.name,
                     "OS-EXT-SRV-ATTR:kernel_id": "",
                     "OS-EXT-SRV-ATTR:ramdisk_id": "",
                     "OS-EXT-SRV-ATTR:root_device_name": None,
@@ -108,10 +108,10 @@ def server_detail(
                 }
             )
     if version >= LOCKED_FIELD_VERSION:
-        server["locked"] = record.locked
+        body["locked"] = server.locked
     if version >= HOST_STATUS_VERSION and show_host_status:
-        server["host_status"] = "UP"
-    return server
+        body["host_status"] = "UP"
+    return body
 
 
 def instance_action(action: InstanceAction) -> dict[str, Any]:

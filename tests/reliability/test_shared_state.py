@@ -216,14 +216,14 @@ def test_a_reused_uuid_starts_with_no_history(
 
 
 def test_each_server_is_claimed_for_a_power_sync_by_one_store(tmp_path: Path) -> None:
-    from app.store import ServerRecord, utcnow
+    from app.store import Server, utcnow
 
     path = tmp_path / "state.db"
     first, second = Store(path), Store(path)
     now = utcnow()
     for index in range(200):
         first.add_server(
-            ServerRecord(
+            Server(
                 uuid=str(uuid.uuid4()),
                 name=f"s{index}",
                 project_id="p",
@@ -242,7 +242,7 @@ def test_each_server_is_claimed_for_a_power_sync_by_one_store(tmp_path: Path) ->
         barrier.wait()
         claimed: set[str] = set()
         for _ in range(20):
-            claimed |= {record.uuid for record in store.claim_power_syncs(3600)}
+            claimed |= {server.uuid for server in store.claim_power_syncs(3600)}
         return claimed
 
     with ThreadPoolExecutor(2) as pool:
