@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet
 
 from app.client import ClientError, CrashlabClient, Credentials
 from app.identity import hash_password
-from emulators.process import EmulatorProcess, free_port
+from app.process import EmulatorProcess, free_port
 
 CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from emulators.process import free_port
+from app.process import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_CLOUD = REPO / "scenarios" / "fake-cloud.yaml"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scenarios.benchmarks.counter import NMISource
-from scenarios.benchmarks.service import BenchError, BenchService
+from scenarios.benchmarks.service import BenchService
 from scenarios.benchmarks.stats import median, ratio
 
 GRACE_SECONDS = 0.3
@@ -182,10 +182,3 @@ def _exact(round_: Round, endpoints: list[str]) -> bool:
 def _worst_total(rounds: list[Round], n: int) -> int:
     """The NMI total of the round furthest from ``n`` (``n`` when every round was exact)."""
     return max((sum(r.nmis.values()) for r in rounds), key=lambda total: abs(total - n))
-
-
-def check(entries: list[dict[str, Any]], name: str) -> None:
-    """Raise if any round lost, duplicated or failed an NMI."""
-    wrong = [e for e in entries if not e["exact"]]
-    if wrong:
-        raise BenchError(f"{name}: NMIs not delivered exactly once: {wrong}")

@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from app.identity import hash_password
-from emulators.process import free_port
+from app.process import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin"

@@ -26,9 +26,9 @@ from typing import Any
 import libvirt
 import pytest
 
+from app.process import EmulatorProcess
 from emulators.guest import Guest
 from emulators.guest_image import ImageVariant, build_image
-from emulators.process import EmulatorProcess
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.domains import BLANK_DOMAIN_XML

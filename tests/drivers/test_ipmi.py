@@ -23,6 +23,7 @@ import pytest
 from pyghmi.ipmi.private import constants as ipmi_constants
 from pyghmi.ipmi.private import session as ipmi_session
 
+from app.process import free_port
 from drivers import ipmi as ipmi_driver
 from drivers.base import (
     BackendAuthFailed,
@@ -35,7 +36,6 @@ from drivers.base import (
 from drivers.ipmi import IPMIDriver, IPMISettings, NegotiatingSession
 from emulators.guest import Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
-from emulators.process import free_port
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
 from scenarios.benchmarks.ipmi_sim import IPMIFleet
 from scenarios.benchmarks.vbmc_guests import GuestBMCs

@@ -29,8 +29,8 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from app.process import free_port
 from drivers import driver_class
-from emulators.process import free_port
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.drivers.conftest import bmc_cloud
