@@ -2,28 +2,25 @@
 
 ``ScenarioAPI`` holds two authenticated clients of one service: an admin who
 registers servers through the admin extension, and the owning user who
-triggers the crash dump. ``LocalService`` starts ``crashlab serve`` on a free
-loopback port with a generated config holding exactly those two users.
+triggers the crash dump. ``LocalService`` starts ``crashlab serve``
+(scenarios/serve.py) on a free loopback port with a generated config holding
+exactly those two users.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-import yaml
 from cryptography.fernet import Fernet
 
 from app.client import ClientError, CrashlabClient, Credentials
 from app.identity import hash_password
-from app.process import EmulatorProcess, free_port
+from scenarios.serve import ServeProcess
 
 CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
 
@@ -140,18 +137,17 @@ class ScenarioAPI:
 
 
 class LocalService:
-    """``crashlab serve`` as a child process on loopback, with a generated config."""
+    """``crashlab serve`` as a child process (scenarios/serve.py), with a generated config."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.admin = Account("admin", secrets.token_urlsafe(12), "admin")
         self.user = Account("scenario", secrets.token_urlsafe(12), "scenario")
-        self.port = 0
-        self._process: EmulatorProcess | None = None
+        self._serve: ServeProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._serve.url if self._serve else "http://127.0.0.1:0"
 
     @property
     def log_path(self) -> Path:
@@ -173,33 +169,8 @@ class LocalService:
         return ScenarioAPI(self.url, self.admin, self.user)
 
     def start(self, timeout: float = 60.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "crashlab.yaml"
-        config.write_text(yaml.safe_dump(self.config()))
-        config.chmod(0o600)
-        self.port = free_port()
-        self._process = EmulatorProcess(
-            "crashlab serve",
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--config",
-                str(config),
-                "--state",
-                str(self.workdir / "state.db"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],  # fmt: skip
-            env=dict(os.environ),
-            log_path=self.log_path,
-        )
-        self._process.start(ready=self._answers, timeout=timeout)
+        self._serve = ServeProcess.in_workdir(self.workdir, self.config(), log_level="warning")
+        self._serve.start(timeout)
 
     def config(self) -> dict[str, Any]:
         # Hashing cost 4: these passwords live for one run and are random.
@@ -214,13 +185,7 @@ class LocalService:
         ]
         return {"secret_key": Fernet.generate_key().decode(), "identity": {"users": users}}
 
-    def _answers(self) -> bool:
-        try:
-            return httpx.get(self.url + "/", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
+        if self._serve is not None:
+            self._serve.stop()
+            self._serve = None

@@ -27,10 +27,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from app.config import ID_NAMESPACE
 from app.identity import hash_password
+from app.process import EmulatorStartError
+from scenarios.serve import ServeProcess
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 USER, PROJECT = "loader", "load"
 MICROVERSION = "compute 2.17"
 EVENT = "compute_trigger_crash_dump"
@@ -185,50 +181,17 @@ def serve(workdir: Path, servers: int, password: str) -> Iterator[tuple[str, Pat
             for i in range(servers)
         ],
     }
-    (workdir / "crashlab.yaml").write_text(yaml.safe_dump(config))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (workdir / "serve.log").open("ab")
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "app.cli", "serve", "--log-level", "warning"),
-            *("--config", str(workdir / "crashlab.yaml"), "--state", str(workdir / "state.db")),
-            *("--host", "127.0.0.1", "--port", str(port)),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO_ROOT,
-        env={**os.environ, "CRASHLAB_SECRET_KEY": ""},
-        start_new_session=True,
+    service = ServeProcess.in_workdir(
+        workdir, config, env={"CRASHLAB_SECRET_KEY": ""}, log_level="warning"
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, process, workdir)
-        yield url, nmi_log
+        service.start(timeout=60)
+    except EmulatorStartError as exc:
+        raise LoadError(str(exc)) from exc
+    try:
+        yield service.url, nmi_log
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _wait_until_up(url: str, process: subprocess.Popen[bytes], workdir: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log = (workdir / "serve.log").read_text(errors="replace")
-            raise LoadError(f"crashlab serve exited:\n{log[-2000:]}")
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise LoadError("crashlab serve did not answer within 60 s")
+        service.stop()
 
 
 def login(url: str, password: str) -> str:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.process import REPO_ROOT
 from emulators.accel import Accel, detect_accel
 from emulators.guest import DEFAULT_URI, DUMP_DISK_MIB, MEMORY_MIB, Console
 from emulators.guest_image import (
@@ -36,7 +37,7 @@ from emulators.guest_image import (
     ImageVariant,
     build_image,
 )
-from scenarios.benchmarks.service import REPO_ROOT, BenchError
+from scenarios.benchmarks.service import BenchError
 from scenarios.benchmarks.stats import median, ratio
 from scenarios.kdump import BOOT_TIMEOUT, DUMP_TIMEOUT, PANIC_MOMENT, PANIC_TIMESTAMP
 

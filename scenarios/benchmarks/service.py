@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +21,11 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import yaml
 
 from app.identity import hash_password
-from app.process import free_port
+from app.process import EmulatorStartError
+from scenarios.serve import ServeProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin"
 # A second tenant, for the comparisons of one tenant's load against another's.
 TENANT = "tenant"
@@ -71,25 +66,30 @@ class FinishedEvent:
 
 
 class BenchService:
-    """One ``crashlab serve`` child process; stopped on exit."""
+    """One ``crashlab serve`` child process (scenarios/serve.py); stopped on exit."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = free_port()
         self.password = secrets.token_urlsafe(12)
-        self.startup_s = 0.0
-        self._process: subprocess.Popen[bytes] | None = None
+        self.serve = ServeProcess.in_workdir(
+            workdir, self._config(), env={"CRASHLAB_SECRET_KEY": ""}
+        )
         self._http: httpx.Client | None = None
         self._token = ""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.serve.url
 
     @property
     def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
+        assert self.serve.pid is not None
+        return self.serve.pid
+
+    @property
+    def startup_s(self) -> float:
+        """Launch to the first 200 on ``GET /``."""
+        return self.serve.startup_s
 
     def __enter__(self) -> BenchService:
         self.start()
@@ -104,40 +104,10 @@ class BenchService:
         self.stop()
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the service; ``startup_s`` is the time to its first 200 on ``GET /``."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "crashlab.yaml"
-        config.write_text(yaml.safe_dump(self._config()))
-        log = (self.workdir / "serve.log").open("ab")
-        started = time.monotonic()
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--config",
-                str(config),
-                "--state",
-                str(self.workdir / "state.db"),
-                "--port",
-                str(self.port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env={**os.environ, "CRASHLAB_SECRET_KEY": ""},
-            start_new_session=True,
-        )
-        log.close()
-        while not self._answers():
-            if self._process.poll() is not None:
-                raise BenchError(f"crashlab serve exited: {self.log_tail()}")
-            if time.monotonic() - started > timeout:
-                self.stop()
-                raise BenchError(f"crashlab serve did not answer within {timeout:g} s")
-            time.sleep(0.01)
-        self.startup_s = time.monotonic() - started
+        try:
+            self.serve.start(timeout)
+        except EmulatorStartError as exc:
+            raise BenchError(str(exc)) from exc
         self._http = httpx.Client(base_url=self.url + "/v2.1", timeout=60.0)
         self._token = self._authenticate()
 
@@ -145,15 +115,7 @@ class BenchService:
         if self._http is not None:
             self._http.close()
             self._http = None
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        self.serve.stop()
 
     def rss_mb(self) -> float:
         """Resident set size of the service process, in MiB."""
@@ -161,11 +123,6 @@ class BenchService:
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
         raise BenchError("no VmRSS for crashlab serve")
-
-    def log_tail(self, lines: int = 20) -> str:
-        path = self.workdir / "serve.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
     # The API, as the benchmarks use it
 
@@ -300,12 +257,6 @@ class BenchService:
         response = httpx.post(f"{self.url}/identity/v3/auth/tokens", json=body, timeout=30)
         _expect(response, 201)
         return response.headers["X-Subject-Token"]
-
-    def _answers(self) -> bool:
-        try:
-            return httpx.get(self.url + "/", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def _config(self) -> dict[str, Any]:
         return {
