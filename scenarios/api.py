@@ -10,7 +10,6 @@ exactly those two users.
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -18,11 +17,9 @@ from typing import Any
 
 from cryptography.fernet import Fernet
 
-from app.client import ClientError, CrashlabClient, Credentials
+from app.client import CRASH_DUMP_EVENT, ClientError, CrashlabClient, Credentials, wait_for_action
 from app.identity import hash_password
 from scenarios.serve import ServeProcess
-
-CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
 
 
 @dataclass(frozen=True)
@@ -105,16 +102,14 @@ class ScenarioAPI:
         Read as admin: at 2.17 Nova shows events to admins only. The details
         (the driver's error) come from crashlab's extension, which shows them.
         """
-        path = f"/servers/{server_id}/os-instance-actions/{request_id}"
-        deadline = time.monotonic() + timeout
-        result: str | None = None
-        while time.monotonic() < deadline:
-            action = self.admin.request("GET", path).json()["instanceAction"]
-            events = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
-            result = events[0]["result"] if events else None
-            if result is not None:
-                break
-            time.sleep(0.2)
+        try:
+            action = wait_for_action(
+                self.admin.get, server_id, request_id, timeout=timeout, details=False
+            )
+        except TimeoutError:
+            return None, None
+        events = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
+        result: str | None = events[0]["result"] if events else None
         details = None
         if result not in (None, "Success"):
             details = self._event_details(server_id, request_id)

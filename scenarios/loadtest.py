@@ -33,6 +33,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
 from app.config import ID_NAMESPACE
 from app.identity import hash_password
 from app.process import EmulatorStartError
@@ -47,7 +49,7 @@ from scenarios.serve import ServeProcess
 
 USER, PROJECT = "loader", "load"
 MICROVERSION = "compute 2.17"
-EVENT = "compute_trigger_crash_dump"
+AUDIT_CLIENTS = 20
 
 
 class LoadError(Exception):
@@ -195,18 +197,7 @@ def serve(workdir: Path, servers: int, password: str) -> Iterator[tuple[str, Pat
 
 
 def login(url: str, password: str) -> str:
-    body = {
-        "auth": {
-            "identity": {
-                "methods": ["password"],
-                "password": {
-                    "user": {"name": USER, "password": password, "domain": {"id": "default"}}
-                },
-            },
-            "scope": {"project": {"name": PROJECT, "domain": {"id": "default"}}},
-        }
-    }
-    response = httpx.post(f"{url}/identity/v3/auth/tokens", json=body, timeout=30)
+    response = request_token(Credentials(f"{url}/identity/v3", USER, password, PROJECT))
     if response.status_code != 201:
         raise LoadError(f"login failed: {response.status_code} {response.text}")
     return response.headers["X-Subject-Token"]
@@ -253,7 +244,7 @@ async def load(
 # The audit
 
 
-async def audit(
+def audit(
     url: str, token: str, samples: list[Sample], nmi_log: Path | None, timeout: float = 60
 ) -> Audit:
     headers = {"X-Auth-Token": token, "OpenStack-API-Version": MICROVERSION}
@@ -262,15 +253,14 @@ async def audit(
     by_server: dict[str, list[str]] = {}
     for sample in accepted:
         by_server.setdefault(sample.server_id, []).append(sample.request_id)
-    limits = httpx.Limits(max_connections=20)
-    async with httpx.AsyncClient(
-        base_url=f"{url}/v2.1", headers=headers, limits=limits, timeout=60
-    ) as client:
-        semaphore = asyncio.Semaphore(20)
+    limits = httpx.Limits(max_connections=AUDIT_CLIENTS)
+    with (
+        httpx.Client(base_url=f"{url}/v2.1", headers=headers, limits=limits, timeout=60) as client,
+        ThreadPoolExecutor(AUDIT_CLIENTS) as pool,
+    ):
 
-        async def check_server(server: str, request_ids: list[str]) -> None:
-            async with semaphore:
-                listed = await client.get(f"/servers/{server}/os-instance-actions")
+        def check_server(server: str, request_ids: list[str]) -> None:
+            listed = client.get(f"/servers/{server}/os-instance-actions")
             recorded = Counter(
                 a["request_id"]
                 for a in listed.json()["instanceActions"]
@@ -282,29 +272,26 @@ async def audit(
                 elif recorded[request_id] > 1:
                     result.duplicate_actions.append(request_id)
 
-        async def check_event(server: str, request_id: str) -> None:
-            path = f"/crashlab/servers/{server}/os-instance-actions/{request_id}"
-            deadline = time.monotonic() + timeout
-            while True:
-                async with semaphore:
-                    response = await client.get(path)
-                if response.status_code != 200:
-                    return  # reported as a missing action
-                events = response.json()["instanceAction"]["events"]
-                if len(events) != 1 or events[0]["event"] != EVENT:
-                    result.wrong_events.append(request_id)
-                    return
-                if events[0]["finish_time"]:
-                    if events[0]["result"] != "Success":
-                        result.failed_events.append(f"{request_id}: {events[0]['details']}")
-                    return
-                if time.monotonic() > deadline:
-                    result.unfinished_events.append(request_id)
-                    return
-                await asyncio.sleep(0.1)
+        def check_event(server: str, request_id: str) -> None:
+            try:
+                action = wait_for_action(
+                    client.get, server, request_id, timeout=timeout, poll=0.01, max_poll=0.1
+                )
+            except ClientError:
+                return  # reported as a missing action
+            except TimeoutError:
+                result.unfinished_events.append(request_id)
+                return
+            events = action["events"]
+            if len(events) != 1 or events[0]["event"] != CRASH_DUMP_EVENT:
+                result.wrong_events.append(request_id)
+            elif events[0]["result"] != "Success":
+                result.failed_events.append(f"{request_id}: {events[0]['details']}")
 
-        await asyncio.gather(*(check_server(s, ids) for s, ids in by_server.items()))
-        await asyncio.gather(*(check_event(s.server_id, s.request_id) for s in accepted))
+        list(pool.map(check_server, by_server, by_server.values()))
+        list(
+            pool.map(check_event, [s.server_id for s in accepted], [s.request_id for s in accepted])
+        )
     if nmi_log is not None:
         sent = Counter(nmi_log.read_text().split()) if nmi_log.exists() else Counter()
         expected = Counter(s.server_id for s in accepted)
@@ -320,7 +307,7 @@ def run(requests: int, clients: int, servers: int, workdir: Path) -> Report:
     with serve(workdir, servers, password) as (url, nmi_log):
         token = login(url, password)
         samples, seconds = asyncio.run(load(url, token, servers, requests, clients))
-        checked = asyncio.run(audit(url, token, samples, nmi_log))
+        checked = audit(url, token, samples, nmi_log)
     statuses = Counter(s.status for s in samples)
     latencies = [s.seconds * 1000 for s in samples if s.status == 202] or [math.nan]
     return Report(

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import yaml
 
+from app.client import Credentials, request_token
 from scenarios.serve import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,27 +27,10 @@ class LiveServer(ServeProcess):
     """scenarios/serve.py's ``crashlab serve`` child, with the tests' logins."""
 
     def token(self, user: str, password: str | None = None, project: str | None = None) -> str:
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": user,
-                            "password": password or f"{user}-secret",
-                            "domain": {"name": "Default"},
-                        }
-                    },
-                },
-                "scope": {
-                    "project": {
-                        "name": project or PROJECT_OF.get(user, user),
-                        "domain": {"name": "Default"},
-                    }
-                },
-            }
-        }
-        response = httpx.post(self.auth_url + "/auth/tokens", json=body, timeout=10)
+        credentials = Credentials(
+            self.auth_url, user, password or f"{user}-secret", project or PROJECT_OF.get(user, user)
+        )
+        response = request_token(credentials, timeout=10)
         assert response.status_code == 201, response.text
         return response.headers["X-Subject-Token"]
 

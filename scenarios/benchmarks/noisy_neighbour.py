@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from app.client import ClientError, wait_for_action
 from scenarios.benchmarks.service import ADMIN, MICROVERSION, TENANT, BenchError, BenchService
 from scenarios.benchmarks.stats import ms, percentile, ratio
 
@@ -89,18 +90,15 @@ def _rounds(tenant: httpx.Client, server: str, seconds: float) -> dict[str, list
 def _wait_event(tenant: httpx.Client, server: str, request_id: str) -> None:
     # The tenant reads its own action (crashlab's extension shows members the
     # events), so its polls are in its own share, not the flooding project's.
-    path = f"/crashlab/servers/{server}/os-instance-actions/{request_id}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        response = tenant.get(path)
-        _expect(response, 200)
-        events = response.json()["instanceAction"]["events"]
-        if events and events[0]["finish_time"]:
-            if events[0]["result"] != "Success":
-                raise BenchError(f"the neighbour's trigger ended {events[0]}")
-            return
-        time.sleep(0.002)
-    raise BenchError(f"the neighbour's event {request_id} did not finish within 30 s")
+    try:
+        action = wait_for_action(tenant.get, server, request_id, timeout=30, poll=0.002)
+    except TimeoutError:
+        raise BenchError(f"the neighbour's event {request_id} did not finish within 30 s") from None
+    except ClientError as exc:
+        raise BenchError(f"the neighbour's event {request_id}: {exc}") from exc
+    [event] = action["events"]
+    if event["result"] != "Success":
+        raise BenchError(f"the neighbour's trigger ended {event}")
 
 
 def _flood(url: str, token: str, server: str, seconds: float, counted: Any) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
 from app.identity import hash_password
 from app.process import EmulatorStartError
 from scenarios.serve import ServeProcess
@@ -30,7 +31,7 @@ ADMIN = "admin"
 # A second tenant, for the comparisons of one tenant's load against another's.
 TENANT = "tenant"
 MICROVERSION = "compute 2.17"
-CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
+LATER_POLL = 0.001
 
 
 class BenchError(Exception):
@@ -179,20 +180,6 @@ class BenchService:
 
             return list(await asyncio.gather(*(one(s) for s in server_ids)))
 
-    def event(self, trigger: Trigger) -> FinishedEvent | None:
-        """The trigger's event, or None while it is still running."""
-        path = f"/crashlab/servers/{trigger.server_id}/os-instance-actions/{trigger.request_id}"
-        response = self.http.get(path, headers=self._headers())
-        _expect(response, 200)
-        events = [
-            e for e in response.json()["instanceAction"]["events"] if e["event"] == CRASH_DUMP_EVENT
-        ]
-        if not events or not events[0]["finish_time"]:
-            return None
-        event = events[0]
-        finished = dt.datetime.fromisoformat(event["finish_time"]).replace(tzinfo=dt.UTC)
-        return FinishedEvent(trigger, event["result"], event.get("details"), finished.timestamp())
-
     def wait_finished(
         self, triggers: list[Trigger], timeout: float = 120.0, poll: float = 0.005
     ) -> list[FinishedEvent]:
@@ -200,23 +187,35 @@ class BenchService:
 
         The first look is after ``poll`` seconds, so the polling GETs do not
         compete with the dispatch they wait for; the figures come from the
-        service's ``finish_time`` either way.
+        service's ``finish_time`` either way. The triggers run at once in the
+        service, so waiting for each in turn takes as long as the slowest, and
+        the later ones have most likely finished by their first look.
         """
-        finished: dict[str, FinishedEvent] = {}
         deadline = time.monotonic() + timeout
-        while True:
-            time.sleep(poll)
-            poll = min(poll * 2, 0.1)
-            for trigger in triggers:
-                if trigger.request_id not in finished:
-                    event = self.event(trigger)
-                    if event is not None:
-                        finished[trigger.request_id] = event
-            if len(finished) == len(triggers):
-                return [finished[t.request_id] for t in triggers]
-            if time.monotonic() > deadline:
+        finished: list[FinishedEvent] = []
+        for trigger in triggers:
+            try:
+                action = wait_for_action(
+                    self._get,
+                    trigger.server_id,
+                    trigger.request_id,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    poll=poll,
+                    max_poll=0.1,
+                )
+            except TimeoutError:
                 missing = len(triggers) - len(finished)
-                raise BenchError(f"{missing} crash dump event(s) unfinished after {timeout:g} s")
+                raise BenchError(
+                    f"{missing} crash dump event(s) unfinished after {timeout:g} s"
+                ) from None
+            except ClientError as exc:
+                raise BenchError(f"reading {trigger.request_id}: {exc}") from exc
+            finished.append(_finished_event(trigger, action))
+            poll = LATER_POLL
+        return finished
+
+    def _get(self, path: str) -> httpx.Response:
+        return self.http.get(path, headers=self._headers())
 
     @property
     def http(self) -> httpx.Client:
@@ -239,22 +238,8 @@ class BenchService:
         )
 
     def _authenticate(self, user: str = ADMIN) -> str:
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": user,
-                            "password": self.password,
-                            "domain": {"name": "Default"},
-                        }
-                    },
-                },
-                "scope": {"project": {"name": user, "domain": {"name": "Default"}}},
-            }
-        }
-        response = httpx.post(f"{self.url}/identity/v3/auth/tokens", json=body, timeout=30)
+        credentials = Credentials(f"{self.url}/identity/v3", user, self.password, user)
+        response = request_token(credentials)
         _expect(response, 201)
         return response.headers["X-Subject-Token"]
 
@@ -280,6 +265,12 @@ class BenchService:
                 ]
             },
         }
+
+
+def _finished_event(trigger: Trigger, action: dict[str, Any]) -> FinishedEvent:
+    [event] = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
+    finished = dt.datetime.fromisoformat(event["finish_time"]).replace(tzinfo=dt.UTC)
+    return FinishedEvent(trigger, event["result"], event.get("details"), finished.timestamp())
 
 
 def _expect(response: httpx.Response, status: int) -> None:
