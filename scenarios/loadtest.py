@@ -120,26 +120,32 @@ class Report:
         return {**asdict(self), "ok": self.ok}
 
     def text(self) -> str:
-        lat = self.latency_ms
-        audit = self.audit
-        return "\n".join(
-            [
-                f"crashlab load: {self.requests} trigger_crash_dump requests, "
-                f"{self.clients} clients, {self.servers} fake servers",
-                f"  statuses        {dict(sorted(self.statuses.items()))}",
-                f"  5xx             {self.server_errors}",
-                f"  throughput      {self.requests_per_second:.0f} req/s ({self.seconds:.2f} s)",
-                f"  latency (202)   p50 {lat['p50']:.1f} ms  p90 {lat['p90']:.1f} ms  "
-                f"p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
-                f"  audit           {audit.accepted} accepted, "
-                f"{len(audit.missing_actions)} without an action, "
-                f"{len(audit.duplicate_actions)} with several, "
-                f"{len(audit.unfinished_events)} events unfinished, "
-                f"{len(audit.failed_events)} failed, "
-                f"{audit.nmis_sent} NMIs sent ({audit.nmis_misplaced} misplaced)",
-                f"  result          {'OK' if self.ok else 'FAILED'}",
-            ]
-        )
+        return render(self.as_dict())
+
+
+def render(report: dict[str, Any]) -> str:
+    """A report (``Report.as_dict()``) as text."""
+    lat = report["latency_ms"]
+    audit = report["audit"]
+    return "\n".join(
+        [
+            f"crashlab load: {report['requests']} trigger_crash_dump requests, "
+            f"{report['clients']} clients, {report['servers']} fake servers",
+            f"  statuses        {dict(sorted(report['statuses'].items()))}",
+            f"  5xx             {report['server_errors']}",
+            f"  throughput      {report['requests_per_second']:.0f} req/s "
+            f"({report['seconds']:.2f} s)",
+            f"  latency (202)   p50 {lat['p50']:.1f} ms  p90 {lat['p90']:.1f} ms  "
+            f"p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
+            f"  audit           {audit['accepted']} accepted, "
+            f"{len(audit['missing_actions'])} without an action, "
+            f"{len(audit['duplicate_actions'])} with several, "
+            f"{len(audit['unfinished_events'])} events unfinished, "
+            f"{len(audit['failed_events'])} failed, "
+            f"{audit['nmis_sent']} NMIs sent ({audit['nmis_misplaced']} misplaced)",
+            f"  result          {'OK' if report['ok'] else 'FAILED'}",
+        ]
+    )
 
 
 def server_id(index: int) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from app.client import ClientError, wait_for_action
+from scenarios.benchmarks.base import Benchmark, Context, Plan, target
 from scenarios.benchmarks.service import ADMIN, MICROVERSION, TENANT, BenchError, BenchService
 from scenarios.benchmarks.stats import ms, percentile, ratio
 
@@ -123,3 +124,40 @@ def _flood(url: str, token: str, server: str, seconds: float, counted: Any) -> N
 def _expect(response: httpx.Response, status: int) -> None:
     if response.status_code != status:
         raise BenchError(f"{response.request.url.path}: {response.status_code} {response.text}")
+
+
+class NoisyNeighbourBenchmark(Benchmark):
+    name = "noisy_neighbour"
+    description = "another tenant's p50 and p99, alone and under a hung-BMC flood"
+
+    def step(self, plan: Plan) -> str:
+        return f"noisy neighbour, {plan.neighbour_s:g} s alone then flooded"
+
+    def run(self, context: Context) -> dict[str, Any]:
+        return run(context.shared, context.plan.neighbour_s)
+
+    def render(self, result: dict[str, Any]) -> str:
+        lines = [
+            f"Noisy neighbour ({result['flood_clients']} clients, {result['flood_requests']} "
+            "requests at a hung BMC)"
+        ]
+        for kind, what in (("get", "GET"), ("trigger_to_event", "trigger to event")):
+            lines.append(
+                f"  {what}: p50 {result[f'{kind}_alone_p50_ms']} -> "
+                f"{result[f'{kind}_flooded_p50_ms']} ms, p99 {result[f'{kind}_alone_p99_ms']} -> "
+                f"{result[f'{kind}_flooded_p99_ms']} ms ({result[f'{kind}_p99_ratio']}x)"
+            )
+        return "\n".join(lines)
+
+    def targets(self, result: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            target(
+                "another tenant's p99 under a hung-BMC flood within 2x of its p99 alone",
+                max(result["get_p99_ratio"], result["trigger_to_event_p99_ratio"]) <= 2,
+                f"GET {result['get_p99_ratio']}x, trigger to event "
+                f"{result['trigger_to_event_p99_ratio']}x",
+            )
+        ]
+
+
+BENCHMARK = NoisyNeighbourBenchmark()
