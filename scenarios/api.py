@@ -12,14 +12,13 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from cryptography.fernet import Fernet
 
 from app.client import CRASH_DUMP_EVENT, ClientError, CrashlabClient, Credentials, wait_for_action
 from app.identity import hash_password
-from scenarios.serve import ServeProcess
+from scenarios.serve import ServeProcess, write_config
 
 
 @dataclass(frozen=True)
@@ -131,41 +130,26 @@ class ScenarioAPI:
         self._admin = self._user = None
 
 
-class LocalService:
+class LocalService(ServeProcess):
     """``crashlab serve`` as a child process (scenarios/serve.py), with a generated config."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.admin = Account("admin", secrets.token_urlsafe(12), "admin")
         self.user = Account("scenario", secrets.token_urlsafe(12), "scenario")
-        self._serve: ServeProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return self._serve.url if self._serve else "http://127.0.0.1:0"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "serve.log"
-
-    def __enter__(self) -> LocalService:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().__init__(
+            workdir / "crashlab.yaml",
+            workdir / "state.db",
+            workdir / "serve.log",
+            log_level="warning",
+        )
 
     def api(self) -> ScenarioAPI:
         return ScenarioAPI(self.url, self.admin, self.user)
 
-    def start(self, timeout: float = 60.0) -> None:
-        self._serve = ServeProcess.in_workdir(self.workdir, self.config(), log_level="warning")
-        self._serve.start(timeout)
+    def start(self, timeout: float = 60.0) -> Self:
+        write_config(self.config_path, self.config())
+        return super().start(timeout)
 
     def config(self) -> dict[str, Any]:
         # Hashing cost 4: these passwords live for one run and are random.
@@ -179,8 +163,3 @@ class LocalService:
             for account, role in ((self.admin, "admin"), (self.user, "member"))
         ]
         return {"secret_key": Fernet.generate_key().decode(), "identity": {"users": users}}
-
-    def stop(self) -> None:
-        if self._serve is not None:
-            self._serve.stop()
-            self._serve = None

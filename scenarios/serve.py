@@ -27,6 +27,13 @@ import yaml
 from app.process import EmulatorProcess, free_port, hold_lifeline
 
 
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Write a crashlab config as YAML, readable by its owner only (it holds secrets)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
 class ServeProcess:
     """One ``crashlab serve`` child on ``127.0.0.1:port``; ``url`` is its root.
 
@@ -62,12 +69,9 @@ class ServeProcess:
     ) -> Self:
         """A service whose files are in ``workdir``; a dict config is written there (0600)."""
         workdir.mkdir(parents=True, exist_ok=True)
+        config_path = config if isinstance(config, Path) else workdir / "crashlab.yaml"
         if isinstance(config, dict):
-            config_path = workdir / "crashlab.yaml"
-            config_path.write_text(yaml.safe_dump(config))
-            config_path.chmod(0o600)
-        else:
-            config_path = config
+            write_config(config_path, config)
         return cls(
             config_path, workdir / "state.db", workdir / "serve.log", env=env, log_level=log_level
         )

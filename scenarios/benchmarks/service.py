@@ -17,15 +17,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
 from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
 from app.identity import hash_password
 from app.process import EmulatorStartError
-from scenarios.serve import ServeProcess
+from scenarios.serve import ServeProcess, write_config
 
 ADMIN = "admin"
 # A second tenant, for the comparisons of one tenant's load against another's.
@@ -66,60 +65,41 @@ class FinishedEvent:
         return self.finished_at - self.trigger.sent_at
 
 
-class BenchService:
-    """One ``crashlab serve`` child process (scenarios/serve.py); stopped on exit."""
+class BenchService(ServeProcess):
+    """One ``crashlab serve`` child process (scenarios/serve.py), logged in as ADMIN."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.password = secrets.token_urlsafe(12)
-        self.serve = ServeProcess.in_workdir(
-            workdir, self._config(), env={"CRASHLAB_SECRET_KEY": ""}
+        super().__init__(
+            workdir / "crashlab.yaml",
+            workdir / "state.db",
+            workdir / "serve.log",
+            env={"CRASHLAB_SECRET_KEY": ""},
         )
         self._http: httpx.Client | None = None
         self._token = ""
 
-    @property
-    def url(self) -> str:
-        return self.serve.url
-
-    @property
-    def pid(self) -> int:
-        assert self.serve.pid is not None
-        return self.serve.pid
-
-    @property
-    def startup_s(self) -> float:
-        """Launch to the first 200 on ``GET /``."""
-        return self.serve.startup_s
-
-    def __enter__(self) -> BenchService:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start the service (``startup_s``: to its first 200 on ``GET /``) and log in."""
+        write_config(self.config_path, self._config())
         try:
-            self.serve.start(timeout)
+            super().start(timeout)
         except EmulatorStartError as exc:
             raise BenchError(str(exc)) from exc
         self._http = httpx.Client(base_url=self.url + "/v2.1", timeout=60.0)
         self._token = self._authenticate()
+        return self
 
     def stop(self) -> None:
         if self._http is not None:
             self._http.close()
             self._http = None
-        self.serve.stop()
+        super().stop()
 
     def rss_mb(self) -> float:
         """Resident set size of the service process, in MiB."""
+        assert self.pid is not None, "crashlab serve is not running"
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
