@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 MICROVERSION = "2.17"
+CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
 
 
 class ClientError(Exception):
@@ -54,35 +56,92 @@ class Credentials:
         return cls(**{k: str(v) for k, v in values.items()})
 
 
+def password_auth(credentials: Credentials) -> dict[str, Any]:
+    """Keystone v3's password request, scoped to a project, both domains named."""
+    return {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {
+                    "user": {
+                        "name": credentials.username,
+                        "password": credentials.password,
+                        "domain": {"name": credentials.user_domain},
+                    }
+                },
+            },
+            "scope": {
+                "project": {
+                    "name": credentials.project_name,
+                    "domain": {"name": credentials.project_domain},
+                }
+            },
+        }
+    }
+
+
+def request_token(
+    credentials: Credentials, http: httpx.Client | None = None, timeout: float = 30.0
+) -> httpx.Response:
+    """POST the password request to ``/auth/tokens``; the response as it came, unjudged."""
+    url = credentials.auth_url.rstrip("/") + "/auth/tokens"
+    body = password_auth(credentials)
+    if http is None:
+        return httpx.post(url, json=body, timeout=timeout)
+    return http.post(url, json=body)
+
+
+def action_path(server_id: str, request_id: str, *, details: bool = True) -> str:
+    """An instance action's URL under the compute root: crashlab's extension shows
+    the events' ``details``; Nova's own (``details=False``) does not."""
+    prefix = "/crashlab" if details else ""
+    return f"{prefix}/servers/{server_id}/os-instance-actions/{request_id}"
+
+
+def wait_for_action(
+    get: Callable[[str], httpx.Response],
+    server_id: str,
+    request_id: str,
+    *,
+    timeout: float = 120.0,
+    poll: float = 0.2,
+    max_poll: float | None = None,
+    details: bool = True,
+) -> dict[str, Any]:
+    """The instance action once every event of it has finished.
+
+    ``get`` reads a path under the compute root (``httpx.Client.get`` with that
+    base URL, or ``CrashlabClient.get``). The first look is after ``poll``
+    seconds, so it does not compete with the dispatch it waits for; the wait
+    doubles after each look, up to ``max_poll`` (default: ``poll``). Raises
+    ``ClientError`` for a fault and ``TimeoutError`` after ``timeout``.
+    """
+    path = action_path(server_id, request_id, details=details)
+    ceiling = poll if max_poll is None else max_poll
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(poll)
+        poll = min(poll * 2, ceiling)
+        response = get(path)
+        _raise_for_fault(response)
+        action: dict[str, Any] = response.json()["instanceAction"]
+        if action["events"] and all(e["finish_time"] for e in action["events"]):
+            return action
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no result for {request_id} within {timeout:g} s")
+
+
 class CrashlabClient:
+    """An authenticated client of one cloud's compute API, at microversion 2.17."""
+
     def __init__(self, credentials: Credentials, timeout: float = 30.0) -> None:
         self.credentials = credentials
         self.http = httpx.Client(timeout=timeout)
-        self.token, self.compute_url = self._authenticate()
+        self.token, self.compute_url = self.login()
 
-    def _authenticate(self) -> tuple[str, str]:
-        creds = self.credentials
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": creds.username,
-                            "password": creds.password,
-                            "domain": {"name": creds.user_domain},
-                        }
-                    },
-                },
-                "scope": {
-                    "project": {
-                        "name": creds.project_name,
-                        "domain": {"name": creds.project_domain},
-                    }
-                },
-            }
-        }
-        response = self.http.post(creds.auth_url.rstrip("/") + "/auth/tokens", json=body)
+    def login(self) -> tuple[str, str]:
+        """A token for the credentials, and the public compute URL of its catalog."""
+        response = request_token(self.credentials, self.http)
         _raise_for_fault(response)
         catalog = response.json()["token"]["catalog"]
         compute = next(s for s in catalog if s["type"] == "compute")
@@ -132,22 +191,19 @@ class CrashlabClient:
 
     def get_action(self, server_id: str, request_id: str) -> dict[str, Any]:
         """The action with its events and their details (crashlab extension)."""
-        path = f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}"
-        action: dict[str, Any] = self.request("GET", path).json()["instanceAction"]
+        action: dict[str, Any] = self.get(action_path(server_id, request_id)).json()[
+            "instanceAction"
+        ]
         return action
+
+    def get(self, path: str) -> httpx.Response:
+        return self.request("GET", path)
 
     def wait_for_event(
         self, server_id: str, request_id: str, timeout: float = 120.0
     ) -> dict[str, Any]:
         """Poll until every event of the action has a result."""
-        deadline = time.monotonic() + timeout
-        while True:
-            action = self.get_action(server_id, request_id)
-            if action["events"] and all(e["result"] for e in action["events"]):
-                return action
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no result for {request_id} within {timeout:g} s")
-            time.sleep(0.2)
+        return wait_for_action(self.get, server_id, request_id, timeout=timeout)
 
     def close(self) -> None:
         self.http.close()

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from emulators.process import EmulatorProcess, EmulatorStartError, free_port, hold_lifeline
+from app.process import EmulatorProcess, EmulatorStartError, free_port, hold_lifeline
 
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 _START_ATTEMPTS = 5

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from emulators.process import (
+from app.process import (
     EmulatorProcess,
     EmulatorStartError,
     announce_ready,

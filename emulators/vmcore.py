@@ -142,12 +142,6 @@ def panic_message(dmesg: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def describe(path: Path) -> str:
-    """``file``'s description, for humans; the verdict never depends on it."""
-    result = subprocess.run(["file", "-b", str(path)], capture_output=True, text=True)
-    return result.stdout.strip()
-
-
 def _cstring(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 

@@ -2,30 +2,23 @@
 
 ``ScenarioAPI`` holds two authenticated clients of one service: an admin who
 registers servers through the admin extension, and the owning user who
-triggers the crash dump. ``LocalService`` starts ``crashlab serve`` on a free
-loopback port with a generated config holding exactly those two users.
+triggers the crash dump. ``LocalService`` starts ``crashlab serve``
+(scenarios/serve.py) on a free loopback port with a generated config holding
+exactly those two users.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-import httpx
-import yaml
 from cryptography.fernet import Fernet
 
-from app.client import ClientError, CrashlabClient, Credentials
+from app.client import CRASH_DUMP_EVENT, ClientError, CrashlabClient, Credentials, wait_for_action
 from app.identity import hash_password
-from emulators.process import EmulatorProcess, free_port
-
-CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
+from scenarios.serve import ServeProcess, write_config
 
 
 @dataclass(frozen=True)
@@ -108,16 +101,14 @@ class ScenarioAPI:
         Read as admin: at 2.17 Nova shows events to admins only. The details
         (the driver's error) come from crashlab's extension, which shows them.
         """
-        path = f"/servers/{server_id}/os-instance-actions/{request_id}"
-        deadline = time.monotonic() + timeout
-        result: str | None = None
-        while time.monotonic() < deadline:
-            action = self.admin.request("GET", path).json()["instanceAction"]
-            events = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
-            result = events[0]["result"] if events else None
-            if result is not None:
-                break
-            time.sleep(0.2)
+        try:
+            action = wait_for_action(
+                self.admin.get, server_id, request_id, timeout=timeout, details=False
+            )
+        except TimeoutError:
+            return None, None
+        events = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
+        result: str | None = events[0]["result"] if events else None
         details = None
         if result not in (None, "Success"):
             details = self._event_details(server_id, request_id)
@@ -139,67 +130,26 @@ class ScenarioAPI:
         self._admin = self._user = None
 
 
-class LocalService:
-    """``crashlab serve`` as a child process on loopback, with a generated config."""
+class LocalService(ServeProcess):
+    """``crashlab serve`` as a child process (scenarios/serve.py), with a generated config."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.admin = Account("admin", secrets.token_urlsafe(12), "admin")
         self.user = Account("scenario", secrets.token_urlsafe(12), "scenario")
-        self.port = 0
-        self._process: EmulatorProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "serve.log"
-
-    def __enter__(self) -> LocalService:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().__init__(
+            workdir / "crashlab.yaml",
+            workdir / "state.db",
+            workdir / "serve.log",
+            log_level="warning",
+        )
 
     def api(self) -> ScenarioAPI:
         return ScenarioAPI(self.url, self.admin, self.user)
 
-    def start(self, timeout: float = 60.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "crashlab.yaml"
-        config.write_text(yaml.safe_dump(self.config()))
-        config.chmod(0o600)
-        self.port = free_port()
-        self._process = EmulatorProcess(
-            "crashlab serve",
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--config",
-                str(config),
-                "--state",
-                str(self.workdir / "state.db"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],  # fmt: skip
-            env=dict(os.environ),
-            log_path=self.log_path,
-        )
-        self._process.start(ready=self._answers, timeout=timeout)
+    def start(self, timeout: float = 60.0) -> Self:
+        write_config(self.config_path, self.config())
+        return super().start(timeout)
 
     def config(self) -> dict[str, Any]:
         # Hashing cost 4: these passwords live for one run and are random.
@@ -213,14 +163,3 @@ class LocalService:
             for account, role in ((self.admin, "admin"), (self.user, "member"))
         ]
         return {"secret_key": Fernet.generate_key().decode(), "identity": {"users": users}}
-
-    def _answers(self) -> bool:
-        try:
-            return httpx.get(self.url + "/", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None

@@ -33,6 +33,7 @@ import httpx
 import libvirt
 
 from app.client import ClientError
+from app.process import EmulatorStartError
 from emulators.guest import Guest, GuestError
 from emulators.guest_image import (
     CRASH_KERNEL_MARKER,
@@ -43,7 +44,6 @@ from emulators.guest_image import (
     ImageVariant,
     build_image,
 )
-from emulators.process import EmulatorStartError
 from emulators.vmcore import Vmcore, VmcoreError, extract_vmcore
 from scenarios.api import LocalService, ScenarioAPI
 from scenarios.progress import Progress

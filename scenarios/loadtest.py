@@ -27,31 +27,29 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
+from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
 from app.config import ID_NAMESPACE
 from app.identity import hash_password
+from app.process import EmulatorStartError
+from scenarios.serve import ServeProcess
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 USER, PROJECT = "loader", "load"
 MICROVERSION = "compute 2.17"
-EVENT = "compute_trigger_crash_dump"
+AUDIT_CLIENTS = 20
 
 
 class LoadError(Exception):
@@ -122,26 +120,32 @@ class Report:
         return {**asdict(self), "ok": self.ok}
 
     def text(self) -> str:
-        lat = self.latency_ms
-        audit = self.audit
-        return "\n".join(
-            [
-                f"crashlab load: {self.requests} trigger_crash_dump requests, "
-                f"{self.clients} clients, {self.servers} fake servers",
-                f"  statuses        {dict(sorted(self.statuses.items()))}",
-                f"  5xx             {self.server_errors}",
-                f"  throughput      {self.requests_per_second:.0f} req/s ({self.seconds:.2f} s)",
-                f"  latency (202)   p50 {lat['p50']:.1f} ms  p90 {lat['p90']:.1f} ms  "
-                f"p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
-                f"  audit           {audit.accepted} accepted, "
-                f"{len(audit.missing_actions)} without an action, "
-                f"{len(audit.duplicate_actions)} with several, "
-                f"{len(audit.unfinished_events)} events unfinished, "
-                f"{len(audit.failed_events)} failed, "
-                f"{audit.nmis_sent} NMIs sent ({audit.nmis_misplaced} misplaced)",
-                f"  result          {'OK' if self.ok else 'FAILED'}",
-            ]
-        )
+        return render(self.as_dict())
+
+
+def render(report: dict[str, Any]) -> str:
+    """A report (``Report.as_dict()``) as text."""
+    lat = report["latency_ms"]
+    audit = report["audit"]
+    return "\n".join(
+        [
+            f"crashlab load: {report['requests']} trigger_crash_dump requests, "
+            f"{report['clients']} clients, {report['servers']} fake servers",
+            f"  statuses        {dict(sorted(report['statuses'].items()))}",
+            f"  5xx             {report['server_errors']}",
+            f"  throughput      {report['requests_per_second']:.0f} req/s "
+            f"({report['seconds']:.2f} s)",
+            f"  latency (202)   p50 {lat['p50']:.1f} ms  p90 {lat['p90']:.1f} ms  "
+            f"p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
+            f"  audit           {audit['accepted']} accepted, "
+            f"{len(audit['missing_actions'])} without an action, "
+            f"{len(audit['duplicate_actions'])} with several, "
+            f"{len(audit['unfinished_events'])} events unfinished, "
+            f"{len(audit['failed_events'])} failed, "
+            f"{audit['nmis_sent']} NMIs sent ({audit['nmis_misplaced']} misplaced)",
+            f"  result          {'OK' if report['ok'] else 'FAILED'}",
+        ]
+    )
 
 
 def server_id(index: int) -> str:
@@ -185,65 +189,21 @@ def serve(workdir: Path, servers: int, password: str) -> Iterator[tuple[str, Pat
             for i in range(servers)
         ],
     }
-    (workdir / "crashlab.yaml").write_text(yaml.safe_dump(config))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (workdir / "serve.log").open("ab")
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "app.cli", "serve", "--log-level", "warning"),
-            *("--config", str(workdir / "crashlab.yaml"), "--state", str(workdir / "state.db")),
-            *("--host", "127.0.0.1", "--port", str(port)),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO_ROOT,
-        env={**os.environ, "CRASHLAB_SECRET_KEY": ""},
-        start_new_session=True,
+    service = ServeProcess.in_workdir(
+        workdir, config, env={"CRASHLAB_SECRET_KEY": ""}, log_level="warning"
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, process, workdir)
-        yield url, nmi_log
+        service.start(timeout=60)
+    except EmulatorStartError as exc:
+        raise LoadError(str(exc)) from exc
+    try:
+        yield service.url, nmi_log
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _wait_until_up(url: str, process: subprocess.Popen[bytes], workdir: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log = (workdir / "serve.log").read_text(errors="replace")
-            raise LoadError(f"crashlab serve exited:\n{log[-2000:]}")
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise LoadError("crashlab serve did not answer within 60 s")
+        service.stop()
 
 
 def login(url: str, password: str) -> str:
-    body = {
-        "auth": {
-            "identity": {
-                "methods": ["password"],
-                "password": {
-                    "user": {"name": USER, "password": password, "domain": {"id": "default"}}
-                },
-            },
-            "scope": {"project": {"name": PROJECT, "domain": {"id": "default"}}},
-        }
-    }
-    response = httpx.post(f"{url}/identity/v3/auth/tokens", json=body, timeout=30)
+    response = request_token(Credentials(f"{url}/identity/v3", USER, password, PROJECT))
     if response.status_code != 201:
         raise LoadError(f"login failed: {response.status_code} {response.text}")
     return response.headers["X-Subject-Token"]
@@ -290,7 +250,7 @@ async def load(
 # The audit
 
 
-async def audit(
+def audit(
     url: str, token: str, samples: list[Sample], nmi_log: Path | None, timeout: float = 60
 ) -> Audit:
     headers = {"X-Auth-Token": token, "OpenStack-API-Version": MICROVERSION}
@@ -299,15 +259,14 @@ async def audit(
     by_server: dict[str, list[str]] = {}
     for sample in accepted:
         by_server.setdefault(sample.server_id, []).append(sample.request_id)
-    limits = httpx.Limits(max_connections=20)
-    async with httpx.AsyncClient(
-        base_url=f"{url}/v2.1", headers=headers, limits=limits, timeout=60
-    ) as client:
-        semaphore = asyncio.Semaphore(20)
+    limits = httpx.Limits(max_connections=AUDIT_CLIENTS)
+    with (
+        httpx.Client(base_url=f"{url}/v2.1", headers=headers, limits=limits, timeout=60) as client,
+        ThreadPoolExecutor(AUDIT_CLIENTS) as pool,
+    ):
 
-        async def check_server(server: str, request_ids: list[str]) -> None:
-            async with semaphore:
-                listed = await client.get(f"/servers/{server}/os-instance-actions")
+        def check_server(server: str, request_ids: list[str]) -> None:
+            listed = client.get(f"/servers/{server}/os-instance-actions")
             recorded = Counter(
                 a["request_id"]
                 for a in listed.json()["instanceActions"]
@@ -319,29 +278,26 @@ async def audit(
                 elif recorded[request_id] > 1:
                     result.duplicate_actions.append(request_id)
 
-        async def check_event(server: str, request_id: str) -> None:
-            path = f"/crashlab/servers/{server}/os-instance-actions/{request_id}"
-            deadline = time.monotonic() + timeout
-            while True:
-                async with semaphore:
-                    response = await client.get(path)
-                if response.status_code != 200:
-                    return  # reported as a missing action
-                events = response.json()["instanceAction"]["events"]
-                if len(events) != 1 or events[0]["event"] != EVENT:
-                    result.wrong_events.append(request_id)
-                    return
-                if events[0]["finish_time"]:
-                    if events[0]["result"] != "Success":
-                        result.failed_events.append(f"{request_id}: {events[0]['details']}")
-                    return
-                if time.monotonic() > deadline:
-                    result.unfinished_events.append(request_id)
-                    return
-                await asyncio.sleep(0.1)
+        def check_event(server: str, request_id: str) -> None:
+            try:
+                action = wait_for_action(
+                    client.get, server, request_id, timeout=timeout, poll=0.01, max_poll=0.1
+                )
+            except ClientError:
+                return  # reported as a missing action
+            except TimeoutError:
+                result.unfinished_events.append(request_id)
+                return
+            events = action["events"]
+            if len(events) != 1 or events[0]["event"] != CRASH_DUMP_EVENT:
+                result.wrong_events.append(request_id)
+            elif events[0]["result"] != "Success":
+                result.failed_events.append(f"{request_id}: {events[0]['details']}")
 
-        await asyncio.gather(*(check_server(s, ids) for s, ids in by_server.items()))
-        await asyncio.gather(*(check_event(s.server_id, s.request_id) for s in accepted))
+        list(pool.map(check_server, by_server, by_server.values()))
+        list(
+            pool.map(check_event, [s.server_id for s in accepted], [s.request_id for s in accepted])
+        )
     if nmi_log is not None:
         sent = Counter(nmi_log.read_text().split()) if nmi_log.exists() else Counter()
         expected = Counter(s.server_id for s in accepted)
@@ -357,7 +313,7 @@ def run(requests: int, clients: int, servers: int, workdir: Path) -> Report:
     with serve(workdir, servers, password) as (url, nmi_log):
         token = login(url, password)
         samples, seconds = asyncio.run(load(url, token, servers, requests, clients))
-        checked = asyncio.run(audit(url, token, samples, nmi_log))
+        checked = audit(url, token, samples, nmi_log)
     statuses = Counter(s.status for s in samples)
     latencies = [s.seconds * 1000 for s in samples if s.status == 202] or [math.nan]
     return Report(

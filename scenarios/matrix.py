@@ -5,8 +5,8 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
+from app.process import EmulatorStartError
 from emulators.guest_image import ImageVariant
-from emulators.process import EmulatorStartError
 from scenarios.api import LocalService, ScenarioAPI
 from scenarios.kdump import ScenarioResult, Verdict, default_output, run_kdump_scenario
 from scenarios.progress import Progress

@@ -4,13 +4,44 @@ One module per comparison; each runs crashlab and its baseline in the same
 run, repeats them and reports medians and percentiles. No module asserts an
 absolute time: the figures are reported, the targets are judged by the reader.
 
-- ``api_overhead``:   POST -> finished event vs a direct ``injectNMI``
-- ``ipmi_fleet``:     N BMCs at once vs an ``ipmitool`` loop (``ipmi_sim`` BMCs)
-                      and rounds of N in a long-running and a fresh service
-- ``redfish_fleet``:  N Redfish systems at once vs a ``curl`` loop (``redfish_sim``)
-- ``scenario_cost``:  the kdump scenario vs the same guest under bare QEMU
-- ``footprint``:      RSS and start-up time of ``crashlab serve``
+- ``api_overhead``:    POST -> finished event vs a direct ``injectNMI``
+- ``ipmi_fleet``:      N BMCs at once vs an ``ipmitool`` loop (``ipmi_sim`` BMCs)
+                       and rounds of N in a long-running and a fresh service
+- ``redfish_fleet``:   N Redfish systems at once vs a ``curl`` loop (``redfish_sim``)
+- ``vbmc_guests``:     rounds of booted guests behind virtualbmc
+- ``noisy_neighbour``: another tenant's latency while one floods a hung BMC
+- ``footprint``:       RSS and start-up time of ``crashlab serve``
+- ``load``:            the load run of scenarios/loadtest.py, audited
+- ``scenario_cost``:   the kdump scenario vs the same guest under bare QEMU
 
-``service`` runs the ``crashlab serve`` they all measure; ``fleet`` is what
-the two fleet comparisons share; ``stats`` computes the figures.
+Each comparison is a ``base.Benchmark`` object; ``REGISTRY`` lists them in the
+order a run measures them. Adding one is a module and a line here.
+``service`` runs the ``crashlab serve`` they measure; ``fleet`` is what the
+fleet comparisons share; ``stats`` computes the figures.
 """
+
+from __future__ import annotations
+
+from scenarios.benchmarks import (
+    api_overhead,
+    footprint,
+    ipmi_fleet,
+    load,
+    noisy_neighbour,
+    redfish_fleet,
+    scenario_cost,
+    vbmc_guests,
+)
+from scenarios.benchmarks.base import Benchmark
+
+REGISTRY: tuple[Benchmark, ...] = (
+    api_overhead.BENCHMARK,
+    ipmi_fleet.FLEET,
+    redfish_fleet.BENCHMARK,
+    ipmi_fleet.ROUNDS,
+    vbmc_guests.BENCHMARK,
+    noisy_neighbour.BENCHMARK,
+    footprint.BENCHMARK,
+    load.BENCHMARK,
+    scenario_cost.BENCHMARK,
+)

@@ -25,6 +25,7 @@ from typing import Any
 
 import libvirt
 
+from scenarios.benchmarks.base import Benchmark, Context, Plan, target
 from scenarios.benchmarks.service import BenchError, BenchService
 from scenarios.benchmarks.stats import median, ms, percentile, ratio
 
@@ -114,3 +115,43 @@ def _target(guest: bool, workdir: Path) -> Iterator[Target]:
     with Guest(image, uri=DEFAULT_URI, name_prefix="crashlab-bench") as vm:
         vm.wait_ready()
         yield Target(DEFAULT_URI, vm.name, f"nmi-ignored QEMU guest ({vm.accel}) on {DEFAULT_URI}")
+
+
+class APIOverheadBenchmark(Benchmark):
+    name = "api_overhead"
+    description = "POST -> finished event vs a direct injectNMI"
+
+    def step(self, plan: Plan) -> str:
+        return f"API overhead, {plan.samples} triggers"
+
+    def run(self, context: Context) -> dict[str, Any]:
+        plan = context.plan
+        return run(context.shared, plan.samples, guest=plan.guest, workdir=context.workdir / "api")
+
+    def render(self, api: dict[str, Any]) -> str:
+        def row(label: str, key: str) -> str:
+            p50, p99 = api[f"{key}_p50_ms"], api[f"{key}_p99_ms"]
+            return f"  {label:<22} p50 {p50:8.3f} ms   p99 {p99:8.3f} ms"
+
+        return "\n".join([
+            f"API overhead ({api['target']}; {api['samples']} sequential triggers)",
+            row("202 accepted", "accept"),
+            row("POST -> event finished", "event"),
+            row("direct injectNMI", "direct"),
+            f"  ratio event/direct {api['ratio']} "
+            f"(event - direct: {api['event_minus_direct_p50_ms']} ms)",
+        ])  # fmt: skip
+
+    def targets(self, api: dict[str, Any]) -> list[dict[str, Any]]:
+        limit = 1.5 * api["direct_p50_ms"] + 5
+        return [
+            target("202 p50 <= 5 ms", api["accept_p50_ms"] <= 5, f"{api['accept_p50_ms']} ms"),
+            target(
+                "POST -> finished event p50 <= 1.5 x direct injectNMI p50 + 5 ms",
+                api["event_p50_ms"] <= limit,
+                f"{api['event_p50_ms']} ms vs limit {limit:.3f} ms",
+            ),
+        ]
+
+
+BENCHMARK = APIOverheadBenchmark()

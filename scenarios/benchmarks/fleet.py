@@ -20,6 +20,7 @@ NMIs, and its wall time.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections import Counter
@@ -27,8 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scenarios.benchmarks.base import target
 from scenarios.benchmarks.counter import NMISource
-from scenarios.benchmarks.service import BenchError, BenchService
+from scenarios.benchmarks.service import BenchService
 from scenarios.benchmarks.stats import median, ratio
 
 GRACE_SECONDS = 0.3
@@ -184,8 +186,67 @@ def _worst_total(rounds: list[Round], n: int) -> int:
     return max((sum(r.nmis.values()) for r in rounds), key=lambda total: abs(total - n))
 
 
-def check(entries: list[dict[str, Any]], name: str) -> None:
-    """Raise if any round lost, duplicated or failed an NMI."""
-    wrong = [e for e in entries if not e["exact"]]
-    if wrong:
-        raise BenchError(f"{name}: NMIs not delivered exactly once: {wrong}")
+# How the fleet and rounds entries are shown and judged, for the modules that measure them
+
+
+def render_fleet(title: str, tool: str, key: str, entries: list[dict[str, Any]]) -> str:
+    rounds_ = entries[0]["rounds"] if entries else 0
+    lines = [
+        f"{title} (crashlab, N calls at once, vs a sequential {tool} loop; median of {rounds_})",
+        f"  {'N':>5}  {'crashlab':>10}  {tool:>10}  {'ratio':>8}  NMIs received (exact)",
+    ]
+    for e in entries:
+        lines.append(
+            f"  {e['n']:>5}  {e['crashlab_s']:>8.3f} s  {e[key]:>8.3f} s  {e['ratio']:>7}x  "
+            f"{e['nmis_received']} / {e['baseline_nmis_received']} "
+            f"({'yes' if e['exact'] else 'NO'})"
+        )
+    return "\n".join(lines)
+
+
+def render_rounds(title: str, serves: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{title}: every BMC at once, round after round; errors are Error events"]
+    for serve, result in serves.items():
+        wall = result["wall_s"]
+        per_bmc = sorted({json.dumps(r["nmis_per_bmc"]) for r in result["rounds"]})
+        walls = " ".join(f"{r['wall_s']:.2f}" for r in result["rounds"])
+        lines += [
+            f"  {serve.replace('_', '-')} service: {len(result['rounds'])} rounds of "
+            f"{result['n']}, {result['errors']} errors, NMIs per BMC {', '.join(per_bmc)} "
+            f"(exact: {'yes' if result['exact'] else 'NO'})",
+            f"    wall per round min / median / max {wall['min']:.2f} / {wall['median']:.2f} / "
+            f"{wall['max']:.2f} s: {walls}",
+        ]
+    return "\n".join(lines)
+
+
+def wrong_deliveries(name: str, entries: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{name}: N={e['n']}: NMIs not delivered exactly once "
+        f"(crashlab {e['nmis_received']}, baseline {e['baseline_nmis_received']}, "
+        f"failures {e['failures']})"
+        for e in entries
+        if not e["exact"]
+    ]
+
+
+def wrong_rounds(name: str, serves: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"{name}: {serve}: round {index}: NMIs not delivered exactly once "
+        f"(NMIs per BMC {r['nmis_per_bmc']}, {r['errors']} Error events, "
+        f"failures {r['failures']})"
+        for serve, result in serves.items()
+        for index, r in enumerate(result["rounds"], 1)
+        if not r["exact"]
+    ]
+
+
+def rounds_targets(what: str, serves: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        target(
+            f"{what} ({serve.replace('_', '-')} service): 0 errors, one NMI per BMC per round",
+            result["exact"] and result["errors"] == 0,
+            f"{len(result['rounds'])} rounds of {result['n']}, {result['errors']} errors",
+        )
+        for serve, result in serves.items()
+    ]

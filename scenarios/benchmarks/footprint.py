@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+from scenarios.benchmarks import api_overhead
+from scenarios.benchmarks.base import Benchmark, Context, Plan
 from scenarios.benchmarks.service import BenchService
 from scenarios.benchmarks.stats import median
 
@@ -29,3 +32,48 @@ def startup(starts: int, workdir: Path) -> tuple[float, float]:
             time.sleep(SETTLE_SECONDS)
             rss.append(service.rss_mb())
     return round(median(seconds), 3), round(median(rss), 1)
+
+
+class FootprintBenchmark(Benchmark):
+    name = "footprint"
+    description = "RSS and start-up time of crashlab serve"
+    shares_service = False
+
+    def step(self, plan: Plan) -> str:
+        return "start-up"
+
+    def run(self, context: Context) -> dict[str, Any]:
+        starts = context.plan.starts
+        startup_s, idle_rss_mb = startup(starts, context.workdir / "starts")
+        return {
+            "idle_rss_mb": idle_rss_mb,
+            "loaded_rss_mb": context.loaded_rss_mb,
+            "startup_s": startup_s,
+            "starts": starts,
+            "load": _load_description(context.report),
+        }
+
+    def render(self, fp: dict[str, Any]) -> str:
+        return "\n".join([
+            "crashlab serve footprint",
+            f"  start-up to first 200 on GET /  {fp['startup_s']:.3f} s (median of {fp['starts']})",
+            f"  RSS idle                        {fp['idle_rss_mb']:.1f} MiB",
+            f"  RSS loaded                      {fp['loaded_rss_mb']:.1f} MiB ({fp['load']})",
+        ])  # fmt: skip
+
+
+def _load_description(report: dict[str, Any]) -> str:
+    """What the long-running service had done when ``loaded_rss_mb`` was read."""
+    triggers = 0
+    if report.get("api_overhead"):
+        triggers += report["api_overhead"]["samples"] + api_overhead.WARMUP
+    for name in ("ipmi_fleet", "redfish_fleet"):
+        triggers += sum(e["n"] * e["rounds"] for e in report.get(name) or [])
+    for name in ("ipmi_rounds", "vbmc_rounds"):
+        if report.get(name):
+            long_running = report[name]["long_running"]
+            triggers += long_running["n"] * len(long_running["rounds"])
+    return f"after {triggers} trigger_crash_dump calls (API overhead, fleets, rounds)"
+
+
+BENCHMARK = FootprintBenchmark()

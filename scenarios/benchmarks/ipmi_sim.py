@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from emulators.process import announce_ready, hold_lifeline
+from app.process import announce_ready, hold_lifeline
 from emulators.pyghmi_server import repair_server_sessions
 from scenarios.benchmarks.simulator import SimulatedFleet
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from app.client import ClientError, wait_for_action
+from scenarios.benchmarks.base import Benchmark, Context, Plan, target
 from scenarios.benchmarks.service import ADMIN, MICROVERSION, TENANT, BenchError, BenchService
 from scenarios.benchmarks.stats import ms, percentile, ratio
 
@@ -89,18 +91,15 @@ def _rounds(tenant: httpx.Client, server: str, seconds: float) -> dict[str, list
 def _wait_event(tenant: httpx.Client, server: str, request_id: str) -> None:
     # The tenant reads its own action (crashlab's extension shows members the
     # events), so its polls are in its own share, not the flooding project's.
-    path = f"/crashlab/servers/{server}/os-instance-actions/{request_id}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        response = tenant.get(path)
-        _expect(response, 200)
-        events = response.json()["instanceAction"]["events"]
-        if events and events[0]["finish_time"]:
-            if events[0]["result"] != "Success":
-                raise BenchError(f"the neighbour's trigger ended {events[0]}")
-            return
-        time.sleep(0.002)
-    raise BenchError(f"the neighbour's event {request_id} did not finish within 30 s")
+    try:
+        action = wait_for_action(tenant.get, server, request_id, timeout=30, poll=0.002)
+    except TimeoutError:
+        raise BenchError(f"the neighbour's event {request_id} did not finish within 30 s") from None
+    except ClientError as exc:
+        raise BenchError(f"the neighbour's event {request_id}: {exc}") from exc
+    [event] = action["events"]
+    if event["result"] != "Success":
+        raise BenchError(f"the neighbour's trigger ended {event}")
 
 
 def _flood(url: str, token: str, server: str, seconds: float, counted: Any) -> None:
@@ -125,3 +124,40 @@ def _flood(url: str, token: str, server: str, seconds: float, counted: Any) -> N
 def _expect(response: httpx.Response, status: int) -> None:
     if response.status_code != status:
         raise BenchError(f"{response.request.url.path}: {response.status_code} {response.text}")
+
+
+class NoisyNeighbourBenchmark(Benchmark):
+    name = "noisy_neighbour"
+    description = "another tenant's p50 and p99, alone and under a hung-BMC flood"
+
+    def step(self, plan: Plan) -> str:
+        return f"noisy neighbour, {plan.neighbour_s:g} s alone then flooded"
+
+    def run(self, context: Context) -> dict[str, Any]:
+        return run(context.shared, context.plan.neighbour_s)
+
+    def render(self, result: dict[str, Any]) -> str:
+        lines = [
+            f"Noisy neighbour ({result['flood_clients']} clients, {result['flood_requests']} "
+            "requests at a hung BMC)"
+        ]
+        for kind, what in (("get", "GET"), ("trigger_to_event", "trigger to event")):
+            lines.append(
+                f"  {what}: p50 {result[f'{kind}_alone_p50_ms']} -> "
+                f"{result[f'{kind}_flooded_p50_ms']} ms, p99 {result[f'{kind}_alone_p99_ms']} -> "
+                f"{result[f'{kind}_flooded_p99_ms']} ms ({result[f'{kind}_p99_ratio']}x)"
+            )
+        return "\n".join(lines)
+
+    def targets(self, result: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            target(
+                "another tenant's p99 under a hung-BMC flood within 2x of its p99 alone",
+                max(result["get_p99_ratio"], result["trigger_to_event_p99_ratio"]) <= 2,
+                f"GET {result['get_p99_ratio']}x, trigger to event "
+                f"{result['trigger_to_event_p99_ratio']}x",
+            )
+        ]
+
+
+BENCHMARK = NoisyNeighbourBenchmark()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scenarios.benchmarks import fleet
+from scenarios.benchmarks.base import Benchmark, Context, Plan
 from scenarios.benchmarks.redfish_sim import RedfishFleet
 from scenarios.benchmarks.service import BenchService
 
@@ -29,3 +30,24 @@ def run(
             command=lambda port: bmcs.curl(int(port)),
         )
         return fleet.run(service, peer, sizes, repeats, baseline_key="curl_s")
+
+
+class RedfishFleetBenchmark(Benchmark):
+    name = "redfish_fleet"
+    description = "N Redfish systems at once vs a curl loop (redfish_sim)"
+
+    def step(self, plan: Plan) -> str:
+        return f"redfish fleet, N = {', '.join(map(str, plan.sizes))}"
+
+    def run(self, context: Context) -> list[dict[str, Any]]:
+        plan = context.plan
+        return run(context.shared, plan.sizes, plan.repeats, context.workdir / self.name)
+
+    def render(self, entries: list[dict[str, Any]]) -> str:
+        return fleet.render_fleet("Redfish fleet", "curl", "curl_s", entries)
+
+    def errors(self, entries: list[dict[str, Any]]) -> list[str]:
+        return fleet.wrong_deliveries(self.name, entries)
+
+
+BENCHMARK = RedfishFleetBenchmark()

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emulators.process import announce_ready, hold_lifeline
+from app.process import announce_ready, hold_lifeline
 from scenarios.benchmarks.simulator import SimulatedFleet
 
 USERNAME = "admin"

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.process import REPO_ROOT
 from emulators.accel import Accel, detect_accel
 from emulators.guest import DEFAULT_URI, DUMP_DISK_MIB, MEMORY_MIB, Console
 from emulators.guest_image import (
@@ -36,7 +37,8 @@ from emulators.guest_image import (
     ImageVariant,
     build_image,
 )
-from scenarios.benchmarks.service import REPO_ROOT, BenchError
+from scenarios.benchmarks.base import Benchmark, Context, Plan, target
+from scenarios.benchmarks.service import BenchError
 from scenarios.benchmarks.stats import median, ratio
 from scenarios.kdump import BOOT_TIMEOUT, DUMP_TIMEOUT, PANIC_MOMENT, PANIC_TIMESTAMP
 
@@ -225,3 +227,41 @@ class _QMP:
 
 def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {key: round(median([r[key] for r in rounds]), 2) for key in rounds[0]}
+
+
+class ScenarioBenchmark(Benchmark):
+    name = "scenario"
+    description = "the kdump scenario vs the same guest under bare QEMU"
+    shares_service = False
+
+    def step(self, plan: Plan) -> str | None:
+        if not plan.scenario_repeats:
+            return None
+        return f"kdump scenario vs bare QEMU, {plan.scenario_repeats} rounds"
+
+    def run(self, context: Context) -> dict[str, Any]:
+        return run(context.plan.scenario_repeats, context.workdir / self.name)
+
+    def render(self, scenario: dict[str, Any]) -> str:
+        ours, bare = scenario["phases"]["crashlab"], scenario["phases"]["bare_qemu"]
+        lines = [
+            f"kdump scenario (--via libvirt, {scenario['accel']}) vs bare QEMU + QMP inject-nmi; "
+            f"median of {scenario['rounds']}",
+            f"  {'phase':<18}  {'crashlab':>9}  {'bare QEMU':>9}",
+        ]
+        for phase in PHASES:
+            lines.append(f"  {phase:<18}  {ours[phase]:>7.2f} s  {bare[phase]:>7.2f} s")
+        lines.append(f"  ratio {scenario['ratio']}")
+        return "\n".join(lines)
+
+    def targets(self, scenario: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            target(
+                "kdump scenario <= 1.3x bare QEMU",
+                scenario["ratio"] <= 1.3,
+                f"{scenario['ratio']}x ({scenario['crashlab_s']} s vs {scenario['bare_qemu_s']} s)",
+            )
+        ]
+
+
+BENCHMARK = ScenarioBenchmark()

@@ -13,29 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
-import yaml
 
+from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
 from app.identity import hash_password
-from emulators.process import free_port
+from app.process import EmulatorStartError
+from scenarios.serve import ServeProcess, write_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin"
 # A second tenant, for the comparisons of one tenant's load against another's.
 TENANT = "tenant"
 MICROVERSION = "compute 2.17"
-CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
+LATER_POLL = 0.001
 
 
 class BenchError(Exception):
@@ -70,102 +65,45 @@ class FinishedEvent:
         return self.finished_at - self.trigger.sent_at
 
 
-class BenchService:
-    """One ``crashlab serve`` child process; stopped on exit."""
+class BenchService(ServeProcess):
+    """One ``crashlab serve`` child process (scenarios/serve.py), logged in as ADMIN."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = free_port()
         self.password = secrets.token_urlsafe(12)
-        self.startup_s = 0.0
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            workdir / "crashlab.yaml",
+            workdir / "state.db",
+            workdir / "serve.log",
+            env={"CRASHLAB_SECRET_KEY": ""},
+        )
         self._http: httpx.Client | None = None
         self._token = ""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def __enter__(self) -> BenchService:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the service; ``startup_s`` is the time to its first 200 on ``GET /``."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "crashlab.yaml"
-        config.write_text(yaml.safe_dump(self._config()))
-        log = (self.workdir / "serve.log").open("ab")
-        started = time.monotonic()
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--config",
-                str(config),
-                "--state",
-                str(self.workdir / "state.db"),
-                "--port",
-                str(self.port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env={**os.environ, "CRASHLAB_SECRET_KEY": ""},
-            start_new_session=True,
-        )
-        log.close()
-        while not self._answers():
-            if self._process.poll() is not None:
-                raise BenchError(f"crashlab serve exited: {self.log_tail()}")
-            if time.monotonic() - started > timeout:
-                self.stop()
-                raise BenchError(f"crashlab serve did not answer within {timeout:g} s")
-            time.sleep(0.01)
-        self.startup_s = time.monotonic() - started
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start the service (``startup_s``: to its first 200 on ``GET /``) and log in."""
+        write_config(self.config_path, self._config())
+        try:
+            super().start(timeout)
+        except EmulatorStartError as exc:
+            raise BenchError(str(exc)) from exc
         self._http = httpx.Client(base_url=self.url + "/v2.1", timeout=60.0)
         self._token = self._authenticate()
+        return self
 
     def stop(self) -> None:
         if self._http is not None:
             self._http.close()
             self._http = None
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        super().stop()
 
     def rss_mb(self) -> float:
         """Resident set size of the service process, in MiB."""
+        assert self.pid is not None, "crashlab serve is not running"
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
         raise BenchError("no VmRSS for crashlab serve")
-
-    def log_tail(self, lines: int = 20) -> str:
-        path = self.workdir / "serve.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
     # The API, as the benchmarks use it
 
@@ -222,20 +160,6 @@ class BenchService:
 
             return list(await asyncio.gather(*(one(s) for s in server_ids)))
 
-    def event(self, trigger: Trigger) -> FinishedEvent | None:
-        """The trigger's event, or None while it is still running."""
-        path = f"/crashlab/servers/{trigger.server_id}/os-instance-actions/{trigger.request_id}"
-        response = self.http.get(path, headers=self._headers())
-        _expect(response, 200)
-        events = [
-            e for e in response.json()["instanceAction"]["events"] if e["event"] == CRASH_DUMP_EVENT
-        ]
-        if not events or not events[0]["finish_time"]:
-            return None
-        event = events[0]
-        finished = dt.datetime.fromisoformat(event["finish_time"]).replace(tzinfo=dt.UTC)
-        return FinishedEvent(trigger, event["result"], event.get("details"), finished.timestamp())
-
     def wait_finished(
         self, triggers: list[Trigger], timeout: float = 120.0, poll: float = 0.005
     ) -> list[FinishedEvent]:
@@ -243,23 +167,35 @@ class BenchService:
 
         The first look is after ``poll`` seconds, so the polling GETs do not
         compete with the dispatch they wait for; the figures come from the
-        service's ``finish_time`` either way.
+        service's ``finish_time`` either way. The triggers run at once in the
+        service, so waiting for each in turn takes as long as the slowest, and
+        the later ones have most likely finished by their first look.
         """
-        finished: dict[str, FinishedEvent] = {}
         deadline = time.monotonic() + timeout
-        while True:
-            time.sleep(poll)
-            poll = min(poll * 2, 0.1)
-            for trigger in triggers:
-                if trigger.request_id not in finished:
-                    event = self.event(trigger)
-                    if event is not None:
-                        finished[trigger.request_id] = event
-            if len(finished) == len(triggers):
-                return [finished[t.request_id] for t in triggers]
-            if time.monotonic() > deadline:
+        finished: list[FinishedEvent] = []
+        for trigger in triggers:
+            try:
+                action = wait_for_action(
+                    self._get,
+                    trigger.server_id,
+                    trigger.request_id,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    poll=poll,
+                    max_poll=0.1,
+                )
+            except TimeoutError:
                 missing = len(triggers) - len(finished)
-                raise BenchError(f"{missing} crash dump event(s) unfinished after {timeout:g} s")
+                raise BenchError(
+                    f"{missing} crash dump event(s) unfinished after {timeout:g} s"
+                ) from None
+            except ClientError as exc:
+                raise BenchError(f"reading {trigger.request_id}: {exc}") from exc
+            finished.append(_finished_event(trigger, action))
+            poll = LATER_POLL
+        return finished
+
+    def _get(self, path: str) -> httpx.Response:
+        return self.http.get(path, headers=self._headers())
 
     @property
     def http(self) -> httpx.Client:
@@ -282,30 +218,10 @@ class BenchService:
         )
 
     def _authenticate(self, user: str = ADMIN) -> str:
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": user,
-                            "password": self.password,
-                            "domain": {"name": "Default"},
-                        }
-                    },
-                },
-                "scope": {"project": {"name": user, "domain": {"name": "Default"}}},
-            }
-        }
-        response = httpx.post(f"{self.url}/identity/v3/auth/tokens", json=body, timeout=30)
+        credentials = Credentials(f"{self.url}/identity/v3", user, self.password, user)
+        response = request_token(credentials)
         _expect(response, 201)
         return response.headers["X-Subject-Token"]
-
-    def _answers(self) -> bool:
-        try:
-            return httpx.get(self.url + "/", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -329,6 +245,12 @@ class BenchService:
                 ]
             },
         }
+
+
+def _finished_event(trigger: Trigger, action: dict[str, Any]) -> FinishedEvent:
+    [event] = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
+    finished = dt.datetime.fromisoformat(event["finish_time"]).replace(tzinfo=dt.UTC)
+    return FinishedEvent(trigger, event["result"], event.get("details"), finished.timestamp())
 
 
 def _expect(response: httpx.Response, status: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from emulators.process import EmulatorProcess
+from app.process import EmulatorProcess
 from scenarios.benchmarks.counter import NMICounter
 
 

@@ -30,6 +30,7 @@ from emulators.guest import DEFAULT_URI, Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.vbmc import VirtualBMCs
 from scenarios.benchmarks import fleet
+from scenarios.benchmarks.base import Benchmark, Context, Plan
 from scenarios.benchmarks.service import BenchService
 
 GUESTS = 24
@@ -139,3 +140,28 @@ def run(service: BenchService, count: int, rounds: int, workdir: Path) -> dict[s
         peer = fleet.Peer("ipmi", guests.names, guests.nmis, guests.driver_info)
         result = fleet.rounds(service, peer, rounds, "vbmc-guest")
         return {"long_running": result | {"boot_s": round(guests.boot_s, 1)}}
+
+
+class VBMCRoundsBenchmark(Benchmark):
+    name = "vbmc_rounds"
+    description = "rounds of booted guests behind virtualbmc, NMIs counted on their consoles"
+
+    def step(self, plan: Plan) -> str | None:
+        if not plan.vbmc_rounds:
+            return None
+        return f"virtualbmc rounds, {plan.vbmc_rounds} x {GUESTS} booted guests"
+
+    def run(self, context: Context) -> dict[str, Any]:
+        return run(context.shared, GUESTS, context.plan.vbmc_rounds, context.workdir / self.name)
+
+    def render(self, serves: dict[str, dict[str, Any]]) -> str:
+        return fleet.render_rounds("virtualbmc rounds (NMIs on consoles)", serves)
+
+    def targets(self, serves: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return fleet.rounds_targets("virtualbmc rounds", serves)
+
+    def errors(self, serves: dict[str, dict[str, Any]]) -> list[str]:
+        return fleet.wrong_rounds(self.name, serves)
+
+
+BENCHMARK = VBMCRoundsBenchmark()

@@ -8,12 +8,12 @@ state and a launch time).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from app.client import wait_for_action
 from tests.live import LiveServer
 
 UNKNOWN = "6a1e0e5a-0000-4000-8000-000000000000"
@@ -222,13 +222,9 @@ def test_unsupported_driver_ends_in_an_error_event(
     server_id = ids["alice-nonmi"]
     request_id = _dump(alice, server_id).headers["x-openstack-request-id"]
     with fake_cloud.client("admin") as admin:
-        deadline = time.monotonic() + 10
-        while True:
-            action = admin.get(f"/servers/{server_id}/os-instance-actions/{request_id}").json()
-            action = action["instanceAction"]
-            if action["events"][0]["finish_time"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        action = wait_for_action(
+            admin.get, server_id, request_id, timeout=10, poll=0.05, details=False
+        )
         assert action["message"] == "Error"
         [event] = action["events"]
         assert event["result"] == "Error"

@@ -11,13 +11,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from app.client import wait_for_action
 from tests.live import PROJECT_OF, LiveServer
 
 BIN = Path(sys.executable).parent
@@ -103,13 +103,9 @@ class Cloud:
 
     def finished_action(self, name: str, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """The action with its events once every event has finished."""
-        url = f"/servers/{self.ids[name]}/os-instance-actions/{request_id}"
-        deadline = time.monotonic() + timeout
-        while True:
-            action: dict[str, Any] = self.admin.get(url).json()["instanceAction"]
-            if all(e["finish_time"] for e in action["events"]) or time.monotonic() > deadline:
-                return action
-            time.sleep(0.05)
+        return wait_for_action(
+            self.admin.get, self.ids[name], request_id, timeout=timeout, poll=0.05, details=False
+        )
 
     def new_actions(self, name: str, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
         seen = {a["request_id"] for a in before}

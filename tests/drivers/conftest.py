@@ -26,9 +26,10 @@ from typing import Any
 import libvirt
 import pytest
 
+from app.client import wait_for_action
+from app.process import EmulatorProcess
 from emulators.guest import Guest
 from emulators.guest_image import ImageVariant, build_image
-from emulators.process import EmulatorProcess
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.domains import BLANK_DOMAIN_XML
@@ -242,12 +243,7 @@ def wait_for_event(
     server: LiveServer, user: str, server_id: str, request_id: str, timeout: float
 ) -> dict[str, Any]:
     """The trigger_crash_dump event, once finished, with its ``details``."""
-    deadline = time.monotonic() + timeout
     with server.client(user) as client:
-        while True:
-            path = f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}"
-            [event] = client.get(path).json()["instanceAction"]["events"]
-            if event["result"]:
-                return dict(event)
-            assert time.monotonic() < deadline, f"event still running after {timeout}s: {event}"
-            time.sleep(0.1)
+        action = wait_for_action(client.get, server_id, request_id, timeout=timeout, poll=0.1)
+    [event] = action["events"]
+    return dict(event)

@@ -33,7 +33,7 @@ from typing import Any
 
 from pyghmi.ipmi import bmc
 
-from emulators.process import announce_ready, hold_lifeline
+from app.process import announce_ready, hold_lifeline
 from emulators.pyghmi_server import repair_server_sessions
 
 USERNAME = "admin"

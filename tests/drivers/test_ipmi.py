@@ -23,6 +23,8 @@ import pytest
 from pyghmi.ipmi.private import constants as ipmi_constants
 from pyghmi.ipmi.private import session as ipmi_session
 
+from app.client import wait_for_action
+from app.process import free_port
 from drivers import ipmi as ipmi_driver
 from drivers.base import (
     BackendAuthFailed,
@@ -35,7 +37,6 @@ from drivers.base import (
 from drivers.ipmi import IPMIDriver, IPMISettings, NegotiatingSession
 from emulators.guest import Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
-from emulators.process import free_port
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
 from scenarios.benchmarks.ipmi_sim import IPMIFleet
 from scenarios.benchmarks.vbmc_guests import GuestBMCs
@@ -482,14 +483,10 @@ def _crash_dump_through_the_api(server: LiveServer, token: str, server_id: str) 
     with httpx.Client(base_url=server.compute_url, headers=headers, timeout=30) as client:
         response = client.post(f"/servers/{server_id}/action", json={"trigger_crash_dump": None})
         assert response.status_code == 202, response.text
-        path = f"/crashlab/servers/{server_id}/os-instance-actions/"
-        path += response.headers["x-openstack-request-id"]
-        while True:
-            [event] = client.get(path).json()["instanceAction"]["events"]
-            if event["result"]:
-                assert (event["result"], event["details"]) == ("Success", None)
-                return
-            time.sleep(0.1)
+        request_id = response.headers["x-openstack-request-id"]
+        action = wait_for_action(client.get, server_id, request_id, timeout=60, poll=0.1)
+        [event] = action["events"]
+        assert (event["result"], event["details"]) == ("Success", None)
 
 
 def test_a_fleet_of_bmcs_is_triggered_through_the_api_in_parallel(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import libvirt
 import pytest
 
+from app.client import wait_for_action
 from drivers.base import BackendUnreachable, InstanceNotRunning, PowerState, ServerNotFound
 from drivers.libvirt import LibvirtDriver, LibvirtSettings
 from emulators.guest import Guest
@@ -83,14 +84,9 @@ def test_trigger_through_the_api_as_owner(
         request_id = response.headers["x-openstack-request-id"]
     _wait_nmi_count(guest, before + 1)
     with server.client("admin") as admin:
-        deadline = time.monotonic() + 30
-        while True:
-            action = admin.get(f"/servers/{listed['id']}/os-instance-actions/{request_id}").json()[
-                "instanceAction"
-            ]
-            if action["events"][0]["result"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        action = wait_for_action(
+            admin.get, listed["id"], request_id, timeout=30, poll=0.1, details=False
+        )
     assert action["request_id"] == request_id
     assert action["message"] is None
     assert action["events"][0]["result"] == "Success"

@@ -6,13 +6,13 @@ into the service's process.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from app import client
 from app.config import ID_NAMESPACE
 from app.identity import hash_password
 from tests.live import fake_cloud_config
@@ -76,16 +76,7 @@ def wait_for_action(
     admin: httpx.Client, server_id: str, request_id: str, timeout: float = 15.0
 ) -> dict[str, Any]:
     """The instance action (with event details, via the extension) once no event is running."""
-    deadline = time.monotonic() + timeout
-    path = f"/crashlab/servers/{server_id}/os-instance-actions/{request_id}"
-    while True:
-        response = admin.get(path)
-        assert response.status_code == 200, response.text
-        action: dict[str, Any] = response.json()["instanceAction"]
-        if action["events"] and all(e["finish_time"] for e in action["events"]):
-            return action
-        assert time.monotonic() < deadline, f"{request_id} still running: {action}"
-        time.sleep(0.05)
+    return client.wait_for_action(admin.get, server_id, request_id, timeout=timeout, poll=0.05)
 
 
 def assert_fault(

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.client import wait_for_action
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
 from tests.drivers.conftest import IPMIPeers, bmc_cloud
@@ -86,16 +87,11 @@ def _finished_event(
     client: httpx.Client, name: str, request_id: str, timeout: float
 ) -> dict[str, Any]:
     """The trigger's event once finished, with its details (the extension's view)."""
-    path = f"/crashlab/servers/{config_server_id(name)}/os-instance-actions/{request_id}"
-    deadline = time.monotonic() + timeout
-    while True:
-        response = client.get(path)
-        assert response.status_code == 200, response.text
-        [event] = response.json()["instanceAction"]["events"]
-        if event["finish_time"]:
-            return dict(event)
-        assert time.monotonic() < deadline, f"{name}: event still running after {timeout}s"
-        time.sleep(0.05)
+    action = wait_for_action(
+        client.get, config_server_id(name), request_id, timeout=timeout, poll=0.05
+    )
+    [event] = action["events"]
+    return dict(event)
 
 
 def _took(event: dict[str, Any]) -> float:

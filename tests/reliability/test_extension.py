@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from emulators.process import free_port
+from app.process import free_port
 from tests.live import LiveServer
 from tests.reliability.cloud import (
     assert_fault,

@@ -29,8 +29,9 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from app.client import Credentials, request_token
+from app.process import free_port
 from drivers import driver_class
-from emulators.process import free_port
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.drivers.conftest import bmc_cloud
@@ -58,22 +59,8 @@ class Recorder:
         )
 
     def token(self, cloud: LiveServer, user: str) -> str:
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": user,
-                            "password": f"{user}-secret",
-                            "domain": {"name": "Default"},
-                        }
-                    },
-                },
-                "scope": {"project": {"name": user, "domain": {"name": "Default"}}},
-            }
-        }
-        response = httpx.post(cloud.auth_url + "/auth/tokens", json=body, timeout=10)
+        credentials = Credentials(cloud.auth_url, user, f"{user}-secret", user)
+        response = request_token(credentials, timeout=10)
         assert response.status_code == 201, response.text
         self.responses.append(response)
         return response.headers["X-Subject-Token"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.client import CRASH_DUMP_EVENT, wait_for_action
 from emulators.vmcore import extract_vmcore
 from tests.live import LiveServer, fake_cloud_config
 
@@ -159,15 +160,10 @@ def test_external_guest_dump_through_the_api(
 
 def wait_for_event(admin: httpx.Client, server_id: str, request_id: str) -> str | None:
     """The compute_trigger_crash_dump event's result, read as admin (events need it at 2.17)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        response = admin.get(f"/servers/{server_id}/os-instance-actions/{request_id}")
-        assert response.status_code == 200, response.text
-        events = response.json()["instanceAction"]["events"]
-        result = next(
-            (e["result"] for e in events if e["event"] == "compute_trigger_crash_dump"), None
-        )
-        if result is not None:
-            return str(result)
-        time.sleep(0.2)
-    return None
+    try:
+        action = wait_for_action(admin.get, server_id, request_id, timeout=60, details=False)
+    except TimeoutError:
+        return None
+    return next(
+        (str(e["result"]) for e in action["events"] if e["event"] == CRASH_DUMP_EVENT), None
+    )

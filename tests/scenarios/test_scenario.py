@@ -16,7 +16,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from emulators.process import free_port
+from app.process import free_port
 from tests.live import LiveServer, fake_cloud_config
 from tests.scenarios.conftest import processes_mentioning
 

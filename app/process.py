@@ -1,7 +1,7 @@
-"""Child processes for the BMC emulators, and the guarantees around them.
+"""Child processes (the BMC emulators, ``crashlab serve``), and the guarantees around them.
 
-Every emulator runs as ``python -m emulators.<module> ...`` in its own session
-(process group). Three things make sure none outlives crashlab:
+Every child runs as ``python -m <module> ...`` in its own session (process
+group). Three things make sure none outlives crashlab:
 
 - ``EmulatorProcess.stop()`` kills the whole group (SIGTERM, then SIGKILL);
 - an ``atexit`` hook stops whatever is still running when the interpreter exits;
@@ -32,7 +32,7 @@ _running: weakref.WeakSet[EmulatorProcess] = weakref.WeakSet()
 
 
 class EmulatorStartError(RuntimeError):
-    """An emulator exited or did not become ready; carries its log tail."""
+    """A child exited or did not become ready; carries its log tail."""
 
 
 def free_port(kind: int = socket.SOCK_STREAM, address: str = "127.0.0.1") -> int:
@@ -65,7 +65,7 @@ def announce_ready() -> None:
 
 
 class EmulatorProcess:
-    """One emulator child process, in its own process group, logging to a file."""
+    """One child process, in its own process group, logging to a file."""
 
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path):
         self.name = name
@@ -78,15 +78,23 @@ class EmulatorProcess:
     def pid(self) -> int | None:
         return self._popen.pid if self._popen else None
 
+    @property
+    def popen(self) -> subprocess.Popen[bytes] | None:
+        """The running child, None once stopped."""
+        return self._popen
+
     def is_running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
-    def start(self, ready: Callable[[], bool] | None = None, timeout: float = 30.0) -> None:
+    def start(
+        self, ready: Callable[[], bool] | None = None, timeout: float = 30.0, poll: float = 0.1
+    ) -> None:
         """Start the child and wait until it is ready.
 
         Without ``ready``, the child signals readiness itself (``announce_ready``).
-        With it, ``ready()`` is polled until true. Raises ``EmulatorStartError``
-        with the log's tail if the child exits or the timeout passes first.
+        With it, ``ready()`` is polled every ``poll`` seconds until true. Raises
+        ``EmulatorStartError`` with the log's tail if the child exits or the timeout
+        passes first.
         """
         env = dict(self.env)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -107,7 +115,7 @@ class EmulatorProcess:
             if ready is None:
                 self._wait_for_line(timeout)
             else:
-                self._poll_ready(ready, timeout)
+                self._poll_ready(ready, timeout, poll)
         except BaseException:
             self.stop()
             raise
@@ -121,14 +129,14 @@ class EmulatorProcess:
         if line != READY_LINE:
             self._fail("did not report ready" if not ready else "exited before it was ready")
 
-    def _poll_ready(self, ready: Callable[[], bool], timeout: float) -> None:
+    def _poll_ready(self, ready: Callable[[], bool], timeout: float, poll: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.is_running():
                 self._fail("exited before it was ready")
             if ready():
                 return
-            time.sleep(0.1)
+            time.sleep(poll)
         self._fail(f"was not ready within {timeout:.0f}s")
 
     def _fail(self, what: str) -> None:
@@ -158,6 +166,17 @@ class EmulatorProcess:
             _signal_group(popen.pid, signal.SIGKILL)
             if popen.stdin:
                 popen.stdin.close()
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group at once, as a crash would. Idempotent."""
+        popen, self._popen = self._popen, None
+        _running.discard(self)
+        if popen is None:
+            return
+        _signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+        if popen.stdin:
+            popen.stdin.close()
 
 
 def _signal_group(pgid: int, sig: int) -> None:
