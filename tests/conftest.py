@@ -10,6 +10,25 @@ import pytest
 
 from tests.live import LiveServer, fake_cloud_config, start_server
 
+# The fast tier (``pytest -m fast``): tests/app, and the modules elsewhere that test
+# pure functions in-process, with no child process and no peer.
+FAST_MODULES = frozenset(
+    {
+        "tests/api/test_redaction.py",
+        "tests/drivers/test_support_matrix.py",
+        "tests/drivers/test_uris.py",
+        "tests/scenarios/test_verdict.py",
+        "tests/scenarios/test_vmcore.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.relative_to(config.rootpath).as_posix()
+        if module.startswith("tests/app/") or module in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture
 def crashlab_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
