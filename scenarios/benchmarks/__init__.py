@@ -5,9 +5,9 @@ run, repeats them and reports medians and percentiles. No module asserts an
 absolute time: the figures are reported, the targets are judged by the reader.
 
 - ``api_overhead``:    POST -> finished event vs a direct ``injectNMI``
-- ``ipmi_fleet``:      N BMCs at once vs an ``ipmitool`` loop (``ipmi_sim`` BMCs)
+- ``ipmi_fleet``:      N BMCs at once vs an ``ipmitool`` loop (``emulators/ipmi_sim.py``)
                        and rounds of N in a long-running and a fresh service
-- ``redfish_fleet``:   N Redfish systems at once vs a ``curl`` loop (``redfish_sim``)
+- ``redfish_fleet``:   N Redfish systems at once vs a ``curl`` loop (``emulators/redfish_sim.py``)
 - ``vbmc_guests``:     rounds of booted guests behind virtualbmc
 - ``noisy_neighbour``: another tenant's latency while one floods a hung BMC
 - ``footprint``:       RSS and start-up time of ``crashlab serve``

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emulators.ipmi_sim import IPMIFleet
 from scenarios.benchmarks import fleet
 from scenarios.benchmarks.base import Benchmark, Context, Plan, target
-from scenarios.benchmarks.ipmi_sim import IPMIFleet
 from scenarios.benchmarks.service import BenchService
 
 

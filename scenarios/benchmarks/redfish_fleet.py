@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emulators.redfish_sim import RedfishFleet
 from scenarios.benchmarks import fleet
 from scenarios.benchmarks.base import Benchmark, Context, Plan
-from scenarios.benchmarks.redfish_sim import RedfishFleet
 from scenarios.benchmarks.service import BenchService
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
-from tests.drivers.conftest import LIBVIRT_URI, BlankDomains, IPMIPeers
+from tests.fixtures import LIBVIRT_URI, BlankDomains, IPMIPeers
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
 

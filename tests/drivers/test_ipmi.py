@@ -37,10 +37,10 @@ from drivers.base import (
 from drivers.ipmi import IPMIDriver, IPMISettings, NegotiatingSession
 from emulators.guest import Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
+from emulators.ipmi_sim import IPMIFleet
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
-from scenarios.benchmarks.ipmi_sim import IPMIFleet
 from scenarios.benchmarks.vbmc_guests import GuestBMCs
-from tests.drivers.conftest import (
+from tests.fixtures import (
     LIBVIRT_URI,
     NMI_PANIC,
     IPMIPeers,

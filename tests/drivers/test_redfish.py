@@ -1,7 +1,7 @@
 """The Redfish driver against real services: sushy-tools over libvirt domains, and a small peer.
 
 sushy-tools always lists ``Nmi``; the other ways a BMC may publish (or not)
-its reset types are served by ``tests/drivers/redfish_peer.py`` over HTTP.
+its reset types are served by ``emulators/redfish_sim.py`` over HTTP.
 Nothing here patches sushy or libvirt.
 """
 
@@ -29,8 +29,9 @@ from drivers.base import (
 from drivers.redfish import RedfishDriver
 from emulators.guest import Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
+from emulators.redfish_sim import PeerBehaviour, RedfishPeer
 from emulators.sushy import SushyEmulator
-from tests.drivers.conftest import (
+from tests.fixtures import (
     NMI_PANIC,
     bmc_cloud,
     console_count,
@@ -38,7 +39,6 @@ from tests.drivers.conftest import (
     wait_console_count,
     wait_for_event,
 )
-from tests.drivers.redfish_peer import PeerBehaviour, RedfishPeer
 from tests.live import LiveServer
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]

@@ -15,9 +15,6 @@ from typing import Any
 import pytest
 
 from tests.domains import PREFIX, remove, start_blank
-
-# The BMC emulator fixtures, shared with tests/drivers.
-from tests.drivers.conftest import ipmi_peers, sushy_emulator, vbmcs  # noqa: F401
 from tests.live import LiveServer, start_server
 
 

@@ -33,7 +33,7 @@ import pytest
 from app.client import wait_for_action
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import BMCEndpoint, VirtualBMCs
-from tests.drivers.conftest import IPMIPeers, bmc_cloud
+from tests.fixtures import IPMIPeers, bmc_cloud
 from tests.live import LiveServer
 from tests.reliability.cloud import assert_fault, config_server_id, trigger
 

@@ -32,10 +32,10 @@ from cryptography.fernet import Fernet
 from app.client import Credentials, request_token
 from app.process import free_port
 from drivers import driver_class
+from emulators.redfish_sim import PeerBehaviour, RedfishPeer
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
-from tests.drivers.conftest import bmc_cloud
-from tests.drivers.redfish_peer import PeerBehaviour, RedfishPeer
+from tests.fixtures import bmc_cloud
 from tests.live import LiveServer, fake_cloud_config
 from tests.reliability.cloud import config_server_id, trigger, wait_for_action
 

@@ -1,37 +1,23 @@
 """Fixtures for the scenario layer: guest images and real libvirt guests.
 
 Images are built once per session into the normal cache (a cache hit after
-the first run). Every guest is a ``Guest`` context manager, so it is destroyed,
-undefined and deleted even when a test fails.
+the first run). Every guest is a ``Guest`` context manager, so it is
+destroyed, undefined and deleted even when a test fails. ``libvirt_conn``
+comes from tests/fixtures.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
 import pytest
 
-from emulators.guest import DEFAULT_URI
 from emulators.guest_image import GuestImage, ImageVariant, build_image
 
 
 @pytest.fixture(scope="session")
 def images() -> dict[ImageVariant, GuestImage]:
     return {variant: build_image(variant) for variant in ImageVariant}
-
-
-@pytest.fixture(scope="session")
-def libvirt_conn() -> Iterator[libvirt.virConnect]:
-    try:
-        conn = libvirt.open(DEFAULT_URI)
-    except libvirt.libvirtError as exc:
-        pytest.fail(
-            f"libvirtd is not reachable at {DEFAULT_URI} (start virtlogd -d; libvirtd -d): {exc}"
-        )
-    yield conn
-    conn.close()
 
 
 def processes_mentioning(path: Path) -> list[int]:

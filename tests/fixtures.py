@@ -1,24 +1,27 @@
-"""Real peers for the BMC drivers; each fixture cleans up after itself.
+"""The fixtures every layer shares, loaded once as a pytest plugin by tests/conftest.py.
 
+Each fixture that starts something stops or removes it afterwards, whatever
+happened in the test:
+
+- ``crashlab_server`` / ``fake_cloud``: ``crashlab serve`` child processes;
+- ``libvirt_conn``: the session's connection to qemu:///system;
 - ``blank_domain``: a minimal QEMU domain (no OS; SeaBIOS finds nothing to boot
-  and waits), enough for power state, and for virtualbmc and sushy-tools to act on.
+  and waits), enough for power state, and for virtualbmc and sushy-tools to act on;
 - ``nmi_logging_guest``: a booted ``nmi-ignored`` guest whose kernel logs every
-  NMI on its serial console, so delivery can be counted. One per session.
-- ``vbmcs`` / ``sushy_emulator``: the BMC emulators in front of domains.
-- ``ipmi_peers``: pyghmi's own BMC server (``tests/drivers/ipmi_peer.py``), one
-  child process per BMC, counting the NMIs each receives.
+  NMI on its serial console, so delivery can be counted. One per session;
+- ``vbmcs`` / ``sushy_emulator``: the BMC emulators in front of domains;
+- ``ipmi_peers``: simulated IPMI BMCs (``emulators/ipmi_sim.py``), one process
+  each, counting the NMIs each receives.
+
+The helpers after them call crashlab's REST API as the BMC tests do.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -27,28 +30,61 @@ import libvirt
 import pytest
 
 from app.client import wait_for_action
-from app.process import EmulatorProcess
+from emulators import ipmi_sim
 from emulators.guest import Guest
 from emulators.guest_image import ImageVariant, build_image
+from emulators.ipmi_sim import IPMIFleet
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.domains import BLANK_DOMAIN_XML
 from tests.domains import URI as LIBVIRT_URI
-from tests.drivers import ipmi_peer
-from tests.live import LiveServer, fake_cloud_config
+from tests.live import LiveServer, fake_cloud_config, start_server
 
 # libvirt prints every error to stderr; the tests look at the exceptions.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 BLANK_PREFIX = "crashlab-bmctest-"
 NMI_PANIC = "Kernel panic - not syncing: NMI"
-# Peer BMC processes started at once (each start is mostly a Python import).
-_PEER_STARTERS = 4
+
+
+# -- crashlab serve ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crashlab_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Factory: start ``crashlab serve`` on a config; every one is stopped after the test."""
+    started: list[LiveServer] = []
+
+    def start(
+        config: dict[str, Any] | Path | None = None, env: dict[str, str] | None = None
+    ) -> LiveServer:
+        where = tmp_path / f"server{len(started)}"
+        server = start_server(where, config if config is not None else fake_cloud_config(), env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fake_cloud(crashlab_server: Callable[..., LiveServer]) -> LiveServer:
+    """scenarios/fake-cloud.yaml served by a fresh process with a fresh state file."""
+    return crashlab_server()
+
+
+# -- libvirt -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def libvirt_conn() -> Iterator[libvirt.virConnect]:
-    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        conn = libvirt.open(LIBVIRT_URI)
+    except libvirt.libvirtError as exc:
+        pytest.fail(
+            f"libvirtd is not reachable at {LIBVIRT_URI} (start virtlogd -d; libvirtd -d): {exc}"
+        )
     yield conn
     conn.close()
     # A new connection: libvirtd may have been restarted since (tests/reliability does).
@@ -119,6 +155,9 @@ def wait_console_count(guest: Guest, text: str, count: int, timeout: float = 60)
         time.sleep(0.2)
 
 
+# -- BMC emulators and simulators ----------------------------------------------------------
+
+
 @pytest.fixture
 def vbmcs(tmp_path: Path) -> Iterator[VirtualBMCs]:
     with VirtualBMCs(tmp_path, libvirt_uri=LIBVIRT_URI) as bmcs:
@@ -139,64 +178,34 @@ def sushy_emulator(tmp_path: Path) -> Iterator[Callable[..., SushyEmulator]]:
 
 
 class IPMIPeers:
-    """BMCs served by ``tests/drivers/ipmi_peer.py``, one child process each; stopped on exit.
+    """Simulated BMCs of the given kinds (``emulators/ipmi_sim.py``); stopped on exit.
 
-    ``ports`` are in the order of the kinds asked for. One process per BMC, as
-    on real hardware: pyghmi's BMC server keeps its sessions in class-level
-    state keyed by the client's address, and a login from a client address it
-    has seen drops every session of that address in the process. pyghmi's
-    client talks to many BMCs from one UDP socket, so BMCs sharing a process
-    would drop each other's sessions when logins overlap.
+    ``ports`` and ``pids()`` are in the order of the kinds asked for; ``nmis()``
+    counts every NMI so far by port. One process per BMC, as on real hardware
+    (``emulators/ipmi_sim.py`` says why pyghmi needs it).
     """
 
-    username = ipmi_peer.USERNAME
-    password = ipmi_peer.PASSWORD
+    username = ipmi_sim.USERNAME
+    password = ipmi_sim.PASSWORD
 
     def __init__(self, workdir: Path, kinds: list[str], latency: float = 0.0) -> None:
-        workdir.mkdir(parents=True)
-        self.nmi_log = workdir / "nmi.log"
+        self.fleet = IPMIFleet(workdir, kinds=kinds, latency=latency)
         self.ports: list[int] = []
-        self._ports_files = [workdir / f"ports-{index}.json" for index in range(len(kinds))]
-        self.processes = [
-            EmulatorProcess(
-                f"ipmi peer {index} ({kind})",
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.drivers.ipmi_peer",
-                    str(ports_file),
-                    str(self.nmi_log),
-                    str(latency),
-                    kind,
-                ],
-                env=dict(os.environ),
-                log_path=workdir / f"peer-{index}.log",
-            )
-            for index, (kind, ports_file) in enumerate(zip(kinds, self._ports_files, strict=True))
-        ]
 
     def __enter__(self) -> IPMIPeers:
-        try:
-            with ThreadPoolExecutor(_PEER_STARTERS) as pool:
-                list(pool.map(lambda process: process.start(), self.processes))
-        except BaseException:
-            self.__exit__()
-            raise
-        self.ports = [json.loads(f.read_text())[0] for f in self._ports_files]
+        self.fleet.__enter__()
+        self.ports = self.fleet.ports
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for process in self.processes:
-            process.stop()
+        self.fleet.close()
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self.processes if p.pid is not None]
+        return self.fleet.pids()
 
     def nmis(self) -> Counter[int]:
         """NMIs received so far, by BMC port."""
-        if not self.nmi_log.exists():
-            return Counter()
-        return Counter(int(line) for line in self.nmi_log.read_text().split())
+        return Counter({int(port): n for port, n in self.fleet.nmis.counts().items()})
 
 
 @pytest.fixture
