@@ -32,7 +32,7 @@ import pytest
 from app.client import wait_for_action
 from emulators import ipmi_sim
 from emulators.guest import Guest
-from emulators.guest_image import ImageVariant, build_image
+from emulators.guest_image import GuestImage, ImageVariant, build_image
 from emulators.ipmi_sim import IPMIFleet
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
@@ -256,3 +256,21 @@ def wait_for_event(
         action = wait_for_action(client.get, server_id, request_id, timeout=timeout, poll=0.1)
     [event] = action["events"]
     return dict(event)
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[ImageVariant, GuestImage]:
+    """Every guest image variant, built once (cached on disk between runs)."""
+    return {variant: build_image(variant) for variant in ImageVariant}
+
+
+def processes_mentioning(path: Path) -> list[int]:
+    """PIDs whose command line names ``path`` (read whole from /proc, never truncated)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # the process ended meanwhile
+    return pids

@@ -9,6 +9,8 @@ import pytest
 
 from tests.app.cloud import AppCloud, assert_fault, login_body
 
+pytestmark = pytest.mark.fast
+
 REQUEST_ID = re.compile(
     r"^req-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 )

@@ -12,6 +12,8 @@ from app.exceptions import PolicyNotAuthorized
 from app.policy import Credentials, PolicyEnforcer
 from tests.app.cloud import AppCloud, assert_fault
 
+pytestmark = pytest.mark.fast
+
 TARGET = {"project_id": "p1", "user_id": "u1"}
 ADMIN = Credentials("a", "admin", "admin-project", "admin", ("admin", "member", "reader"))
 MEMBER = Credentials("u1", "alice", "p1", "alice", ("member", "reader"))

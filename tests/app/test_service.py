@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from app.config import load_config
 from app.store import ActionStart
 from drivers.fake import FakeDriver
 from tests.app.cloud import FAKE_CLOUD, AppCloud, assert_fault, fake_cloud_config
+
+pytestmark = pytest.mark.fast
 
 ALICE_SERVERS = {
     "alice-active",

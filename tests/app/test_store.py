@@ -18,6 +18,8 @@ from app.store import (
 )
 from tests.app.cloud import AppCloud, fake_cloud_config
 
+pytestmark = pytest.mark.fast
+
 EVENT = "compute_trigger_crash_dump"
 START = ActionStart("req-store-test", "alice", "alice")
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from drivers import all_driver_classes
 from drivers.base import Driver
 from drivers.matrix import support_matrix_markdown
 from tests.live import REPO
+
+pytestmark = pytest.mark.fast
 
 
 def test_readme_matrix_is_generated() -> None:

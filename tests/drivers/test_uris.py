@@ -19,6 +19,8 @@ from drivers.libvirt import LibvirtDriver, LibvirtSettings
 from drivers.redfish import RedfishDriver
 from drivers.uris import check_host, check_http_url, parse_libvirt_uri
 
+pytestmark = pytest.mark.fast
+
 API = SettingsSource(api=True, test_drivers=False)
 API_WITH_TEST_DRIVERS = SettingsSource(api=True, test_drivers=True)
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\n-----END OPENSSH PRIVATE KEY-----"

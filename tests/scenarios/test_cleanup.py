@@ -22,7 +22,7 @@ import pytest
 from emulators.guest import GuestTimeout
 from scenarios.kdump import Verdict, run_kdump_scenario
 from scenarios.progress import Progress
-from tests.scenarios.conftest import processes_mentioning
+from tests.fixtures import processes_mentioning
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.bmc, pytest.mark.slow]
 

@@ -17,8 +17,8 @@ import libvirt
 import pytest
 
 from app.process import free_port
+from tests.fixtures import processes_mentioning
 from tests.live import LiveServer, fake_cloud_config
-from tests.scenarios.conftest import processes_mentioning
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 

@@ -14,6 +14,8 @@ from scenarios.kdump import ScenarioResult, Verdict, decide
 from scenarios.report import render_report, render_summary, to_json
 from scenarios.via import Via
 
+pytestmark = pytest.mark.fast
+
 RELEASE = "6.1.0-56-amd64"
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from app.redaction import REDACTED, redact
 
+pytestmark = pytest.mark.fast
+
 IPMI = {"address": "bmc7.rack4.example", "port": 6230, "username": "opsuser", "timeout": 1.0}
 REDFISH = {"address": "https://bmc9.example.net:8443", "username": "root", "verify_tls": True}
 LIBVIRT = {"uri": "qemu+ssh://virt@kvm3.example/system", "domain": "alice-guest-7"}

@@ -9,6 +9,8 @@ import pytest
 
 from emulators.vmcore import NoDumpOnDisk, NotAKdumpFile, extract_vmcore, read_vmcore
 
+pytestmark = pytest.mark.fast
+
 
 def kdump_header(release: str, signature: bytes = b"KDUMP   ") -> bytes:
     uts = [b"Linux", b"(none)", release.encode(), b"#1 SMP", b"x86_64", b"(none)"]
