@@ -13,6 +13,7 @@ group). Three things make sure none outlives crashlab:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import select
 import signal
@@ -180,10 +181,8 @@ class EmulatorProcess:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @atexit.register

@@ -17,6 +17,7 @@ Failures, all subclasses of ``GuestError``::
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shutil
@@ -348,7 +349,5 @@ class Guest:
 
 def _ignore_libvirt_error(call: Callable[[], object]) -> None:
     """Racing with the guest powering itself off is fine; the domain is gone either way."""
-    try:
+    with contextlib.suppress(libvirt.libvirtError):
         call()
-    except libvirt.libvirtError:
-        pass

@@ -112,10 +112,10 @@ class SimulatedBMC(bmc.Bmc):  # type: ignore[misc]
         return 0
 
     def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
-        if request["netfn"] == 0 and request["command"] == GET_CHASSIS_STATUS:
-            if self.kind == "mute-status":
-                return
-        if request["netfn"] == 0 and request["command"] == CHASSIS_CONTROL and self.mute_diags:
+        command = request["command"] if request["netfn"] == 0 else None
+        if command == GET_CHASSIS_STATUS and self.kind == "mute-status":
+            return
+        if command == CHASSIS_CONTROL and self.mute_diags:
             self.mute_diags -= 1
             self.pulse_diag()
             return

@@ -23,7 +23,7 @@ import enum
 import re
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -259,10 +259,8 @@ def _follow_console(
 
 
 def _wait_quietly(guest: Guest, pattern: str, seconds: float, mark: int, on_line: Any) -> None:
-    try:
+    with suppress(GuestError):
         guest.wait_for(pattern, seconds, on_line, mark)
-    except GuestError:
-        pass
 
 
 def _read_timings(
@@ -350,10 +348,8 @@ def _keep_console(guest: Guest, target: Path) -> None:
 
 def _quietly(call: Any, *args: Any) -> None:
     """Best-effort cleanup: a failure here must not hide the run's own result."""
-    try:
+    with suppress(ClientError, OSError):
         call(*args)
-    except (ClientError, OSError):
-        pass
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ The helpers after them call crashlab's REST API as the BMC tests do.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections import Counter
@@ -107,10 +108,8 @@ class BlankDomains:
 
     def __exit__(self, *exc_info: object) -> None:
         for name in self.names:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):  # the test removed it itself
                 _remove(self.conn.lookupByName(name))
-            except libvirt.libvirtError:
-                pass  # the test removed it itself
 
     def make(self, running: bool = True) -> str:
         name = BLANK_PREFIX + secrets.token_hex(4)

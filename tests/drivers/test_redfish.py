@@ -7,6 +7,7 @@ Nothing here patches sushy or libvirt.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -221,10 +222,8 @@ def silent_bmc() -> Iterator[str]:
     def accept() -> None:
         server.settimeout(0.2)
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 accepted.append(server.accept()[0])
-            except TimeoutError:
-                pass
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -292,11 +291,11 @@ def test_nothing_published_means_unknown_so_it_is_tried() -> None:
 
 
 def test_unknown_and_refused_by_the_bmc_is_rejected_with_its_words() -> None:
-    with RedfishPeer(PeerBehaviour(allowable_values=None, reset_status=400)) as peer:
-        with pytest.raises(
-            BackendRejected, match=r"answered HTTP 400: ResetType Nmi is not supported"
-        ):
-            _peer_driver(peer).trigger_crash_dump()
+    with (
+        RedfishPeer(PeerBehaviour(allowable_values=None, reset_status=400)) as peer,
+        pytest.raises(BackendRejected, match=r"answered HTTP 400: ResetType Nmi is not supported"),
+    ):
+        _peer_driver(peer).trigger_crash_dump()
 
 
 def test_malformed_resource_is_a_backend_error_that_says_so() -> None:

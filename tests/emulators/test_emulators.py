@@ -72,13 +72,12 @@ def test_virtualbmc_processes_end_with_the_context_even_on_error(
     tmp_path: Path, blank_domain: Callable[..., str]
 ) -> None:
     names = [blank_domain(), blank_domain()]
-    with pytest.raises(RuntimeError, match="boom"):
-        with VirtualBMCs(tmp_path) as bmcs:
-            for name in names:
-                bmcs.add(name)
-            pids = bmcs.pids()
-            assert len(pids) == 2 and all(_alive(pid) for pid in pids)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), VirtualBMCs(tmp_path) as bmcs:
+        for name in names:
+            bmcs.add(name)
+        pids = bmcs.pids()
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        raise RuntimeError("boom")
     assert _wait_dead(pids, timeout=0) == []
 
 
@@ -100,12 +99,14 @@ def test_sushy_emulator_ends_with_the_context_even_on_error(
 ) -> None:
     name = blank_domain()
     pids: list[int] = []
-    with pytest.raises(RuntimeError, match="boom"):
-        with SushyEmulator(tmp_path, libvirt_uri=LIBVIRT_URI, domains=[name]) as emulator:
-            assert emulator.pid is not None and _alive(emulator.pid)
-            pids.append(emulator.pid)
-            assert httpx.get(f"{emulator.url}/redfish/v1/Systems").status_code == 401
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        SushyEmulator(tmp_path, libvirt_uri=LIBVIRT_URI, domains=[name]) as emulator,
+    ):
+        assert emulator.pid is not None and _alive(emulator.pid)
+        pids.append(emulator.pid)
+        assert httpx.get(f"{emulator.url}/redfish/v1/Systems").status_code == 401
+        raise RuntimeError("boom")
     assert _wait_dead(pids, timeout=0) == []
 
 
@@ -117,11 +118,10 @@ def test_ipmi_peers_end_with_the_context(tmp_path: Path) -> None:
 
 
 def test_blank_domains_are_removed_even_on_error(libvirt_conn: libvirt.virConnect) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with BlankDomains(libvirt_conn) as domains:
-            names = [domains.make(), domains.make(running=False)]
-            assert all(_domain_exists(libvirt_conn, name) for name in names)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), BlankDomains(libvirt_conn) as domains:
+        names = [domains.make(), domains.make(running=False)]
+        assert all(_domain_exists(libvirt_conn, name) for name in names)
+        raise RuntimeError("boom")
     assert not any(_domain_exists(libvirt_conn, name) for name in names)
 
 

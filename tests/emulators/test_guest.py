@@ -90,11 +90,10 @@ def test_nmi_ignored_guest_logs_the_nmi_and_carries_on(
 def test_cleanup_after_an_exception_leaves_nothing(
     images: dict[ImageVariant, GuestImage], libvirt_conn: libvirt.virConnect
 ) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with Guest(images[ImageVariant.NO_KDUMP]) as guest:
-            assert domain_exists(libvirt_conn, guest.name)
-            assert guest.dump_disk.exists()
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Guest(images[ImageVariant.NO_KDUMP]) as guest:
+        assert domain_exists(libvirt_conn, guest.name)
+        assert guest.dump_disk.exists()
+        raise RuntimeError("boom")
     assert not domain_exists(libvirt_conn, guest.name)
     assert not guest.workdir.exists()
 
