@@ -442,6 +442,6 @@ def _render_footprint(fp: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    from app.cli import main
+    from app.cli import build_parser, run
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(run(build_parser(add_bench_parser), ["bench", *sys.argv[1:]]))

@@ -70,7 +70,7 @@ def run(repeats: int, workdir: Path) -> dict[str, Any]:
 def _through_crashlab(output: Path) -> dict[str, float]:
     """One ``crashlab scenario kdump --via libvirt``; its wall time and its own phases."""
     command = [
-        sys.executable, "-m", "app.cli", "scenario", "kdump", "--via", "libvirt",
+        sys.executable, "-m", "scenarios.cli", "scenario", "kdump", "--via", "libvirt",
         "--json", "--quiet", "--output", str(output),
     ]  # fmt: skip
     started = time.monotonic()
