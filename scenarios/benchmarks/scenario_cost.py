@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emulators.accel import Accel, detect_accel
-from emulators.guest import DEFAULT_URI, DUMP_DISK_MIB, MEMORY_MIB, Console
+from emulators.accel import Accel
+from emulators.guest import DEFAULT_URI, DUMP_DISK_MIB, MEMORY_MIB, Console, detect_accel
 from emulators.guest_image import (
     DUMP_FAILED_MARKER,
     DUMP_SAVED_MARKER,

@@ -25,8 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from emulators.accel import detect_accel
-from emulators.guest import DEFAULT_URI, Guest
+from emulators.guest import DEFAULT_URI, Guest, detect_accel
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.vbmc import VirtualBMCs
 from scenarios.benchmarks import fleet
