@@ -29,10 +29,10 @@ from typing import TypeVar
 
 import libvirt
 
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.accel import Accel, decided_accel, record_verdict
 from emulators.guest_image import READY_MARKER, GuestImage, cache_root
 
-DEFAULT_URI = "qemu:///system"
 MEMORY_MIB = 768
 DUMP_DISK_MIB = 64
 POLL_SECONDS = 0.1
@@ -160,7 +160,7 @@ class Guest:
         self,
         image: GuestImage,
         *,
-        uri: str = DEFAULT_URI,
+        uri: str = DEFAULT_LIBVIRT_URI,
         accel: Accel | None = None,
         name_prefix: str = "crashlab",
         workdir_root: Path | None = None,

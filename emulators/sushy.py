@@ -47,9 +47,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.process import EmulatorProcess, EmulatorStartError, free_port, hold_lifeline
 
-DEFAULT_LIBVIRT_URI = "qemu:///system"
 _START_ATTEMPTS = 5
 # The Redfish driver's default timeout: a warm-up slower than this would have failed a trigger.
 WARM_UP_SECONDS = 10.0

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.process import (
     EmulatorProcess,
     EmulatorStartError,
@@ -39,7 +40,6 @@ from emulators.process import (
 )
 from emulators.pyghmi_server import repair_server_sessions
 
-DEFAULT_LIBVIRT_URI = "qemu:///system"
 _SECTION = "VirtualBMC"  # virtualbmc.manager.DEFAULT_SECTION
 _START_ATTEMPTS = 5
 

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.accel import Accel
-from emulators.guest import DEFAULT_URI, DUMP_DISK_MIB, MEMORY_MIB, Console, detect_accel
+from emulators.guest import DUMP_DISK_MIB, MEMORY_MIB, Console, detect_accel
 from emulators.guest_image import (
     DUMP_FAILED_MARKER,
     DUMP_SAVED_MARKER,
@@ -46,7 +47,7 @@ POLL_SECONDS = 0.02
 
 def run(repeats: int, workdir: Path) -> dict[str, Any]:
     image = build_image(ImageVariant.KDUMP)
-    accel = detect_accel(image, DEFAULT_URI)
+    accel = detect_accel(image, DEFAULT_LIBVIRT_URI)
     ours: list[dict[str, float]] = []
     theirs: list[dict[str, float]] = []
     for index in range(repeats):

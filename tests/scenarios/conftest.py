@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from emulators.guest import DEFAULT_URI
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.guest_image import GuestImage, ImageVariant, build_image
 
 
@@ -25,10 +25,11 @@ def images() -> dict[ImageVariant, GuestImage]:
 @pytest.fixture(scope="session")
 def libvirt_conn() -> Iterator[libvirt.virConnect]:
     try:
-        conn = libvirt.open(DEFAULT_URI)
+        conn = libvirt.open(DEFAULT_LIBVIRT_URI)
     except libvirt.libvirtError as exc:
         pytest.fail(
-            f"libvirtd is not reachable at {DEFAULT_URI} (start virtlogd -d; libvirtd -d): {exc}"
+            f"libvirtd is not reachable at {DEFAULT_LIBVIRT_URI} "
+            f"(start virtlogd -d; libvirtd -d): {exc}"
         )
     yield conn
     conn.close()
