@@ -1,4 +1,9 @@
-"""The ``crashlab`` command: serve the API, talk to it, run scenarios."""
+"""The product's commands: serve the API and talk to it.
+
+``python -m app.cli serve`` runs the service with nothing of the emulators or the
+scenarios imported. The installed ``crashlab`` command adds the scenario layer's
+commands to these (scenarios/cli.py).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,20 @@ from typing import Any
 from app.client import ClientError, CrashlabClient, Credentials
 from app.config import ConfigError, load_config
 
+DESCRIPTION = "The ``crashlab`` command: serve the API, talk to it, run scenarios."
+
 Handler = Callable[[argparse.Namespace], int]
+# What add_parser is called on: the action argparse's add_subparsers returns.
+Commands = Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    """The product's commands alone; ``crashlab`` as installed is scenarios/cli.py."""
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` with ``parser`` and run the chosen command's handler."""
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
@@ -35,10 +49,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crashlab", description=__doc__)
+def build_parser(*more_commands: Callable[[Commands], None]) -> argparse.ArgumentParser:
+    """The ``crashlab`` parser: the product's commands, then those ``more_commands`` add."""
+    parser = argparse.ArgumentParser(prog="crashlab", description=DESCRIPTION)
     commands = parser.add_subparsers(title="commands")
+    add_commands(commands)
+    for add in more_commands:
+        add(commands)
+    return parser
 
+
+def is_product_command(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` names one of the commands ``add_commands`` adds."""
+    commands = argparse.ArgumentParser().add_subparsers()
+    add_commands(commands)
+    return bool(argv) and argv[0] in commands.choices
+
+
+def add_commands(commands: Commands) -> None:
+    """Add the product's commands: serve, hash-password, support-matrix and the API client's."""
     serve = commands.add_parser("serve", help="serve the API")
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--host", default="127.0.0.1")
@@ -50,17 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     hash_pw = commands.add_parser("hash-password", help="print a bcrypt hash for the config")
     hash_pw.add_argument("password", nargs="?", help="read from the terminal when omitted")
     hash_pw.set_defaults(handler=_hash_password)
-
-    image = commands.add_parser("image", help="guest images").add_subparsers(title="image commands")
-    image_build = image.add_parser("build", help="build (or reuse) the cached guest images")
-    image_build.add_argument(
-        "--variant", action="append", help="kdump, no-kdump or nmi-ignored (default: all)"
-    )
-    image_build.set_defaults(handler=_image_build)
-
-    doctor = commands.add_parser("doctor", help="check that this host can run crashlab's guests")
-    doctor.add_argument("--json", action="store_true", help="print the checks as one JSON object")
-    doctor.set_defaults(handler=_doctor)
 
     matrix = commands.add_parser("support-matrix", help="print what each driver supports")
     matrix.set_defaults(handler=_support_matrix)
@@ -89,18 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     action_show.add_argument("server")
     action_show.add_argument("request_id")
     action_show.set_defaults(handler=_action_show)
-
-    _add_scenario_commands(commands)
-    return parser
-
-
-def _add_scenario_commands(commands: Any) -> None:
-    """Scenario and benchmark commands live with their own code, imported here only."""
-    from scenarios.bench import add_bench_parser
-    from scenarios.cli import add_scenario_parser
-
-    add_scenario_parser(commands)
-    add_bench_parser(commands)
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
@@ -155,23 +161,6 @@ def _hash_password(args: argparse.Namespace) -> int:
     password = args.password or getpass.getpass("password: ")
     print(hash_password(password))
     return 0
-
-
-def _image_build(args: argparse.Namespace) -> int:
-    from emulators.guest_image import ImageVariant, build_image
-
-    for variant in args.variant or [v.value for v in ImageVariant]:
-        image = build_image(variant)
-        print(f"{image.variant.value}: {image.kernel_release} {image.initrd.parent}")
-    return 0
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    from emulators.doctor import failed, render_table, run_checks, to_json
-
-    results = run_checks()
-    print(to_json(results) if args.json else render_table(results))
-    return 1 if failed(results) else 0
 
 
 def _support_matrix(_args: argparse.Namespace) -> int:

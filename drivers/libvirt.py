@@ -45,7 +45,7 @@ from drivers.base import (
     ServerNotFound,
     settings_source,
 )
-from drivers.uris import LibvirtURI, parse_libvirt_uri
+from drivers.uris import DEFAULT_LIBVIRT_URI, LibvirtURI, parse_libvirt_uri
 
 # Nova's libvirt driver (LIBVIRT_POWER_STATE)
 _POWER = {
@@ -84,7 +84,7 @@ _PKI_FILES = {
 class LibvirtSettings(DriverSettings):
     """A libvirt domain: its daemon's URI, and the credentials a remote transport uses."""
 
-    uri: str = Field("qemu:///system", max_length=1024)
+    uri: str = Field(DEFAULT_LIBVIRT_URI, max_length=1024)
     domain: str = Field(min_length=1, max_length=255, description="domain name or UUID")
     ssh_private_key: str | None = _PEM
     tls_ca_cert: str | None = _PEM

@@ -12,14 +12,14 @@ Before sending, the driver reads the ComputerSystem once and checks two things:
   without sending anything, so ``PowerState: Off`` raises ``ServerPoweredOff``.
 
 Authentication is HTTP basic auth; TLS is verified (against ``ca_bundle`` if
-given) unless ``verify_tls`` is false. Each call runs in its own thread and the caller waits at most
-``timeout`` seconds, whatever sushy's retries do.
+given) unless ``verify_tls`` is false. Each call runs with a deadline
+(drivers/deadline.py): the caller waits at most ``timeout`` seconds, whatever
+sushy's retries do.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -42,6 +42,7 @@ from drivers.base import (
     ServerNotFound,
     ServerPoweredOff,
 )
+from drivers.deadline import Call, DeadlineExceeded
 from drivers.uris import REDFISH_ROOT_PATHS, check_http_url
 
 T = TypeVar("T")
@@ -106,12 +107,12 @@ class RedfishDriver(Driver):
     def trigger_crash_dump(self) -> None:
         self._call(self._reset_nmi, "sending ComputerSystem.Reset (Nmi)")
 
-    def _reset_nmi(self, call: _Call) -> None:
+    def _reset_nmi(self, call: Call) -> None:
         system = self._system()
         self._check_nmi_allowed(system)
         if self._power_state(system) == PowerState.SHUTDOWN:
             raise ServerPoweredOff("server is powered off")
-        call.give_up_if_abandoned()
+        call.start_action()  # a call its caller no longer waits for must not reset late
         system.reset_system(sushy.RESET_NMI)
 
     def _check_nmi_allowed(self, system: Any) -> None:
@@ -156,29 +157,18 @@ class RedfishDriver(Driver):
             server_side_retries_delay=0.5,
         )
 
-    def _call(self, operation: Callable[[_Call], T], doing: str) -> T:
+    def _call(self, operation: Callable[[Call], T], doing: str) -> T:
         """Run ``operation`` in its own thread; give up after ``timeout`` seconds."""
-        call = _Call(doing)
-        done = threading.Event()
+        call = Call(self.settings.timeout, doing)
+        try:
+            return call.run(
+                lambda: self._translate_errors(operation, call),
+                f"redfish {self.settings.address}",
+            )
+        except DeadlineExceeded:
+            raise self._no_answer(doing) from None
 
-        def run() -> None:
-            try:
-                call.result = (True, self._translate_errors(operation, call))
-            except BaseException as exc:  # handed to the waiting caller
-                call.result = (False, exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"redfish {self.settings.address}", daemon=True).start()
-        if not done.wait(self.settings.timeout):
-            call.abandoned = True
-            raise self._no_answer(doing)
-        ok, value = call.result
-        if ok:
-            return value  # type: ignore[no-any-return]
-        raise value
-
-    def _translate_errors(self, operation: Callable[[_Call], T], call: _Call) -> T:
+    def _translate_errors(self, operation: Callable[[Call], T], call: Call) -> T:
         try:
             return operation(call)
         except DriverError:
@@ -232,20 +222,6 @@ class RedfishDriver(Driver):
         if isinstance(exc, sushy_exceptions.MissingActionError):
             return NMINotSupported(f"BMC at {url}: {exc}")
         return BackendError(f"Redfish exchange with BMC at {url} failed: {exc}")
-
-
-class _Call:
-    """One driver call running in its own thread; ``doing`` names it in errors."""
-
-    def __init__(self, doing: str) -> None:
-        self.doing = doing
-        self.abandoned = False
-        self.result: tuple[bool, Any] = (False, None)
-
-    def give_up_if_abandoned(self) -> None:
-        """A call its caller no longer waits for must not reset the server late."""
-        if self.abandoned:
-            raise BackendUnreachable("the caller stopped waiting")
 
 
 def _reason(exc: BaseException) -> str:

@@ -24,6 +24,8 @@ from typing import Literal
 from urllib.parse import SplitResult, urlencode, urlsplit
 
 LOCAL_PATHS = ("/system", "/session")
+# The local system daemon: the libvirt driver's default, and where crashlab's guests run.
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 TEST_URI = "test:///default"
 REDFISH_ROOT_PATHS = ("", "/", "/redfish/v1", "/redfish/v1/")
 

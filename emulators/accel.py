@@ -1,8 +1,9 @@
 """Choose QEMU's accelerator: KVM where it actually works, TCG otherwise.
 
 ``/dev/kvm`` existing is not enough: on some nested hosts a direct-kernel guest
-under KVM prints nothing at all, spinning with no console output. So KVM is chosen only after
-a probe guest booted under it reaches its READY marker in time. The verdict is
+under KVM prints nothing at all. So KVM is chosen only after
+a probe guest booted under it reaches its READY marker in time (``detect_accel``
+in emulators/guest.py, which boots it; this module keeps its verdict). The verdict is
 cached per host (kernel, QEMU version, CPU flags) in ``$CRASHLAB_CACHE/accel.json``.
 ``$CRASHLAB_ACCEL=tcg|kvm`` skips the probe.
 """
@@ -20,15 +21,9 @@ import re
 import stat
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from emulators.guest_image import READY_MARKER, cache_root
+from emulators.guest_image import cache_root
 
-if TYPE_CHECKING:
-    from emulators.guest_image import GuestImage
-
-# A KVM guest reaches /init in about a second; TCG takes about six.
-PROBE_TIMEOUT = 20.0
 KVM_DEVICE = Path("/dev/kvm")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # Debian's libvirt runs QEMU as this user (member of group kvm) unless qemu.conf says otherwise.
@@ -48,23 +43,32 @@ class Accel(enum.StrEnum):
 _decided: dict[str, Accel] = {}
 
 
-def detect_accel(image: GuestImage, uri: str) -> Accel:
-    """The accelerator to boot ``image`` with on ``uri``; probes KVM at most once per host."""
+def decided_accel(uri: str) -> Accel | None:
+    """The accelerator for ``uri``'s host if known without booting anything, else None.
+
+    ``$CRASHLAB_ACCEL`` wins; a host without a usable ``/dev/kvm`` is TCG; otherwise
+    it is a probe's verdict (``record_verdict``), if one has run on this host.
+    """
     if forced := os.environ.get("CRASHLAB_ACCEL"):
         return Accel(forced)
     if not kvm_device_usable():
         return Accel.TCG
     key = host_fingerprint(uri)
-    if key in _decided:
-        return _decided[key]
-    cache_file = cache_root() / "accel.json"
+    if key not in _decided and (verdict := _read_json(_verdicts_file()).get(key)):
+        _decided[key] = Accel(verdict)
+    return _decided.get(key)
+
+
+def record_verdict(uri: str, accel: Accel) -> Accel:
+    """Keep a probe's verdict for ``uri``'s host, for this process and the next."""
+    key = host_fingerprint(uri)
+    cache_file = _verdicts_file()
     verdicts = _read_json(cache_file)
-    if key not in verdicts:
-        verdicts[key] = (Accel.KVM if probe_kvm(image, uri) else Accel.TCG).value
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(verdicts, indent=2) + "\n")
-    _decided[key] = Accel(verdicts[key])
-    return _decided[key]
+    verdicts[key] = accel.value
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(verdicts, indent=2) + "\n")
+    _decided[key] = accel
+    return accel
 
 
 def kvm_device_usable() -> bool:
@@ -127,20 +131,8 @@ def cached_verdict(uri: str) -> Accel | None:
     """The probe's verdict for this host, if a probe has run; ``$CRASHLAB_ACCEL`` wins."""
     if forced := os.environ.get("CRASHLAB_ACCEL"):
         return Accel(forced)
-    verdict = _read_json(cache_root() / "accel.json").get(host_fingerprint(uri))
+    verdict = _read_json(_verdicts_file()).get(host_fingerprint(uri))
     return Accel(verdict) if verdict else None
-
-
-def probe_kvm(image: GuestImage, uri: str) -> bool:
-    """Boot ``image`` under KVM; True if it reaches READY within ``PROBE_TIMEOUT``."""
-    from emulators.guest import Guest, GuestError
-
-    try:
-        with Guest(image, uri=uri, accel=Accel.KVM, name_prefix="crashlab-kvmprobe") as guest:
-            guest.wait_for(READY_MARKER, PROBE_TIMEOUT)
-    except GuestError:
-        return False
-    return True
 
 
 def host_fingerprint(uri: str) -> str:
@@ -158,6 +150,10 @@ def host_fingerprint(uri: str) -> str:
     )
     text = json.dumps([uri, platform.release(), qemu, flags])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _verdicts_file() -> Path:
+    return cache_root() / "accel.json"
 
 
 def _read_json(path: Path) -> dict[str, str]:

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import libvirt
 
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.accel import KVM_DEVICE, Accel, cached_verdict, kvm_access_problem, qemu_user
 from emulators.guest_image import ImageVariant, cache_root, image_dir, resolve_inputs
 
-URI = "qemu:///system"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APT_PACKAGES_FILE = REPO_ROOT / "scripts" / "apt-packages"
 CAPABILITIES_CACHE = Path("/var/cache/libvirt/qemu/capabilities")
@@ -69,10 +69,10 @@ class Check:
 
 def check_libvirtd() -> Check:
     try:
-        conn = libvirt.open(URI)
+        conn = libvirt.open(DEFAULT_LIBVIRT_URI)
     except libvirt.libvirtError as exc:
         return Check(
-            "libvirtd", Status.FAIL, f"{URI} does not answer: {_first_line(exc)}",
+            "libvirtd", Status.FAIL, f"{DEFAULT_LIBVIRT_URI} does not answer: {_first_line(exc)}",
             fix="scripts/libvirtd (starts virtlogd and libvirtd)",
         )  # fmt: skip
     try:
@@ -80,7 +80,9 @@ def check_libvirtd() -> Check:
     finally:
         conn.close()
     major, minor, micro = version // 1_000_000, version // 1000 % 1000, version % 1000
-    return Check("libvirtd", Status.OK, f"{URI} answers", f"libvirt {major}.{minor}.{micro}")
+    return Check(
+        "libvirtd", Status.OK, f"{DEFAULT_LIBVIRT_URI} answers", f"libvirt {major}.{minor}.{micro}"
+    )
 
 
 def check_define_round_trip() -> Check:
@@ -114,7 +116,7 @@ def check_kvm() -> Check:
         )  # fmt: skip
     if problem is not None:
         return Check("kvm", Status.WARN, f"{problem}: guests run under TCG (slower, works)")
-    verdict = cached_verdict(URI)
+    verdict = cached_verdict(DEFAULT_LIBVIRT_URI)
     if verdict is Accel.TCG:
         return Check(
             "kvm", Status.WARN,
@@ -275,7 +277,7 @@ def _time_define_round_trip(patience: float) -> tuple[float | None, str | None]:
     def round_trip() -> None:
         started = time.monotonic()
         try:
-            conn = libvirt.open(URI)
+            conn = libvirt.open(DEFAULT_LIBVIRT_URI)
             try:
                 _sweep_doctor_domains(conn)
                 name = DOCTOR_DOMAIN_PREFIX + secrets.token_hex(4)

@@ -30,15 +30,17 @@ from typing import TypeVar
 
 import libvirt
 
-from emulators.accel import Accel, detect_accel
+from drivers.uris import DEFAULT_LIBVIRT_URI
+from emulators.accel import Accel, decided_accel, record_verdict
 from emulators.guest_image import READY_MARKER, GuestImage, cache_root
 
-DEFAULT_URI = "qemu:///system"
 MEMORY_MIB = 768
 DUMP_DISK_MIB = 64
 POLL_SECONDS = 0.1
 # A define or start takes tens of milliseconds on a ready host; past this, say why.
 LIBVIRT_CALL_SECONDS = 10.0
+# A KVM guest reaches /init in about a second; TCG takes about six.
+PROBE_TIMEOUT = 20.0
 
 T = TypeVar("T")
 
@@ -159,7 +161,7 @@ class Guest:
         self,
         image: GuestImage,
         *,
-        uri: str = DEFAULT_URI,
+        uri: str = DEFAULT_LIBVIRT_URI,
         accel: Accel | None = None,
         name_prefix: str = "crashlab",
         workdir_root: Path | None = None,
@@ -345,6 +347,24 @@ class Guest:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def detect_accel(image: GuestImage, uri: str) -> Accel:
+    """The accelerator to boot ``image`` with on ``uri``; probes KVM at most once per host."""
+    decided = decided_accel(uri)
+    if decided is not None:
+        return decided
+    return record_verdict(uri, Accel.KVM if probe_kvm(image, uri) else Accel.TCG)
+
+
+def probe_kvm(image: GuestImage, uri: str) -> bool:
+    """Boot ``image`` under KVM; True if it reaches READY within ``PROBE_TIMEOUT``."""
+    try:
+        with Guest(image, uri=uri, accel=Accel.KVM, name_prefix="crashlab-kvmprobe") as guest:
+            guest.wait_for(READY_MARKER, PROBE_TIMEOUT)
+    except GuestError:
+        return False
+    return True
 
 
 def _ignore_libvirt_error(call: Callable[[], object]) -> None:

@@ -48,8 +48,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from app.process import EmulatorProcess, EmulatorStartError, free_port, hold_lifeline
+from drivers.uris import DEFAULT_LIBVIRT_URI
 
-DEFAULT_LIBVIRT_URI = "qemu:///system"
 _START_ATTEMPTS = 5
 # The Redfish driver's default timeout: a warm-up slower than this would have failed a trigger.
 WARM_UP_SECONDS = 10.0

@@ -37,9 +37,9 @@ from app.process import (
     free_port,
     hold_lifeline,
 )
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.pyghmi_server import repair_server_sessions
 
-DEFAULT_LIBVIRT_URI = "qemu:///system"
 _SECTION = "VirtualBMC"  # virtualbmc.manager.DEFAULT_SECTION
 _START_ATTEMPTS = 5
 

@@ -9,7 +9,7 @@ failed event); a missed target is reported in ``targets``, not an error.
 ``--quick`` is the reduced run for smoke tests: fleets of at most 50, 2 IPMI
 rounds of 50 per service, the API overhead against libvirt's
 ``test:///default``, no guests behind virtualbmc, a load of 200 requests, no
-kdump scenario. The comparisons are ``scenarios.benchmarks.REGISTRY``'s.
+kdump scenario. The comparisons are ``scenarios.benchmarks.registry.REGISTRY``'s.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 from app.client import ClientError
 from app.process import EmulatorStartError
-from scenarios.benchmarks import REGISTRY
 from scenarios.benchmarks.base import FULL, QUICK, Benchmark, Context, Plan
+from scenarios.benchmarks.registry import REGISTRY
 from scenarios.benchmarks.service import BenchError, BenchService
 from scenarios.progress import Progress
 
@@ -165,6 +165,6 @@ def _render_machine(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    from app.cli import main
+    from app.cli import build_parser, run
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(run(build_parser(add_bench_parser), ["bench", *sys.argv[1:]]))

@@ -1,124 +1,34 @@
-"""``crashlab scenario kdump`` and ``crashlab scenario all``.
+"""The installed ``crashlab`` command: the product's commands and the scenario layer's.
 
-Before booting anything, both run ``crashlab doctor``'s cheap checks and stop
-with its table when one fails: a host that would re-probe QEMU on every define
-fails here in seconds, not minutes later with a driver timeout.
-
-Exit codes: 0 when every run gave the verdict its variant expects, 1 when one
-did not or the host is not ready, 130 when interrupted (guests, emulators and
-the service are cleaned up first). With ``--json`` the report on stdout is
-JSON; progress always goes to stderr.
+The product's commands (app/cli.py) are parsed by app/cli.py alone, so
+``crashlab serve`` imports nothing of the emulators or the scenarios; the
+others (scenarios/commands.py, scenarios/bench.py) are imported only to run one
+of them or to print the whole help.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-from emulators.doctor import CHEAP_CHECKS, failed, render_table, run_checks
-from emulators.guest_image import ImageVariant
-from scenarios.api import FAKE_CLOUD_ADMIN, FAKE_CLOUD_USER, Account, ScenarioAPI
-from scenarios.kdump import run_kdump_scenario
-from scenarios.matrix import run_matrix
-from scenarios.progress import Progress
-from scenarios.report import render_report, render_summary, to_json
-from scenarios.via import Via
+from app import cli as product_cli
 
 
-def add_scenario_parser(commands: Any) -> None:
-    """Add ``scenario kdump`` and ``scenario all`` to the ``crashlab`` subcommands."""
-    scenario = commands.add_parser(
-        "scenario", help="boot a kdump guest, trigger its crash dump via the API, prove the vmcore"
-    ).add_subparsers(title="scenarios")
-
-    kdump = scenario.add_parser("kdump", help="one path, one guest variant")
-    kdump.add_argument("--via", choices=[v.value for v in Via], default=Via.LIBVIRT.value)
-    kdump.add_argument(
-        "--variant", choices=[v.value for v in ImageVariant], default=ImageVariant.KDUMP.value
-    )
-    _common_flags(kdump)
-    kdump.set_defaults(handler=_kdump)
-
-    everything = scenario.add_parser(
-        "all", help="libvirt, ipmi and redfish with kdump; no-kdump and nmi-ignored over libvirt"
-    )
-    _common_flags(everything)
-    everything.set_defaults(handler=_all)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if product_cli.is_product_command(args):
+        return product_cli.main(args)
+    return product_cli.run(build_parser(), args)
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--api", metavar="URL", help="use this running API instead of starting crashlab serve"
-    )
-    parser.add_argument(
-        "--admin",
-        metavar="USER:PASSWORD@PROJECT",
-        type=_account,
-        default=FAKE_CLOUD_ADMIN,
-        help="with --api: who registers the server (default: the fake cloud's admin)",
-    )
-    parser.add_argument(
-        "--user",
-        metavar="USER:PASSWORD@PROJECT",
-        type=_account,
-        default=FAKE_CLOUD_USER,
-        help="with --api: who owns the server and triggers the dump (default: alice)",
-    )
-    parser.add_argument("--output", type=Path, help="where to keep the console, vmcore and logs")
-    parser.add_argument("--console", action="store_true", help="echo the guest console")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``crashlab`` parser: the product's commands, then this layer's."""
+    from scenarios.bench import add_bench_parser
+    from scenarios.commands import add_host_commands, add_scenario_parser
+
+    return product_cli.build_parser(add_host_commands, add_scenario_parser, add_bench_parser)
 
 
-def _account(text: str) -> Account:
-    try:
-        credentials, project = text.rsplit("@", 1)
-        username, password = credentials.split(":", 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected USER:PASSWORD@PROJECT") from None
-    return Account(username, password, project)
-
-
-def _api(args: argparse.Namespace) -> ScenarioAPI | None:
-    return ScenarioAPI(args.api, args.admin, args.user) if args.api else None
-
-
-def _progress(args: argparse.Namespace) -> Progress:
-    return Progress(quiet=args.quiet, echo_console=args.console)
-
-
-def _host_ready() -> bool:
-    results = run_checks(CHEAP_CHECKS)
-    if failed(results):
-        print(render_table(results), file=sys.stderr)
-        print("crashlab: this host is not ready; nothing was booted", file=sys.stderr)
-        return False
-    return True
-
-
-def _kdump(args: argparse.Namespace) -> int:
-    if not _host_ready():
-        return 1
-    try:
-        result = run_kdump_scenario(
-            args.via, args.variant, api=_api(args), output=args.output, progress=_progress(args)
-        )
-    except KeyboardInterrupt:
-        print("crashlab: interrupted; the guest and its emulators were removed", file=sys.stderr)
-        return 130
-    print(to_json(result) if args.json else render_report(result))
-    return 0 if result.ok else 1
-
-
-def _all(args: argparse.Namespace) -> int:
-    if not _host_ready():
-        return 1
-    try:
-        results = run_matrix(api=_api(args), output=args.output, progress=_progress(args))
-    except KeyboardInterrupt:
-        print("crashlab: interrupted; the guests and emulators were removed", file=sys.stderr)
-        return 130
-    print(to_json(results) if args.json else render_summary(results))
-    return 0 if all(r.ok for r in results) else 1
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,9 @@ import time
 
 import libvirt
 
-URI = "qemu:///system"
+from drivers.uris import DEFAULT_LIBVIRT_URI
+
+URI = DEFAULT_LIBVIRT_URI
 PREFIX = "crashlab-reltest-"
 BLANK_DOMAIN_XML = """
 <domain type='qemu'>

@@ -14,34 +14,8 @@ absolute time: the figures are reported, the targets are judged by the reader.
 - ``load``:            the load run of scenarios/loadtest.py, audited
 - ``scenario_cost``:   the kdump scenario vs the same guest under bare QEMU
 
-Each comparison is a ``base.Benchmark`` object; ``REGISTRY`` lists them in the
-order a run measures them. Adding one is a module and a line here.
+Each comparison is a ``base.Benchmark`` object; ``registry.REGISTRY`` lists them in
+the order a run measures them. Adding one is a module and a line there.
 ``service`` runs the ``crashlab serve`` they measure; ``fleet`` is what the
 fleet comparisons share; ``stats`` computes the figures.
 """
-
-from __future__ import annotations
-
-from scenarios.benchmarks import (
-    api_overhead,
-    footprint,
-    ipmi_fleet,
-    load,
-    noisy_neighbour,
-    redfish_fleet,
-    scenario_cost,
-    vbmc_guests,
-)
-from scenarios.benchmarks.base import Benchmark
-
-REGISTRY: tuple[Benchmark, ...] = (
-    api_overhead.BENCHMARK,
-    ipmi_fleet.FLEET,
-    redfish_fleet.BENCHMARK,
-    ipmi_fleet.ROUNDS,
-    vbmc_guests.BENCHMARK,
-    noisy_neighbour.BENCHMARK,
-    footprint.BENCHMARK,
-    load.BENCHMARK,
-    scenario_cost.BENCHMARK,
-)

@@ -25,11 +25,11 @@ from typing import Any
 
 import libvirt
 
+from drivers.uris import DEFAULT_LIBVIRT_URI, TEST_URI
 from scenarios.benchmarks.base import Benchmark, Context, Plan, target
 from scenarios.benchmarks.service import BenchError, BenchService
 from scenarios.benchmarks.stats import median, ms, percentile, ratio
 
-TEST_URI = "test:///default"
 TEST_DOMAIN = "test"
 WARMUP = 5
 
@@ -108,13 +108,17 @@ def _target(guest: bool, workdir: Path) -> Iterator[Target]:
     if not guest:
         yield Target(TEST_URI, TEST_DOMAIN, "libvirt test:///default (injectNMI is a no-op)")
         return
-    from emulators.guest import DEFAULT_URI, Guest
+    from emulators.guest import Guest
     from emulators.guest_image import ImageVariant, build_image
 
     image = build_image(ImageVariant.NMI_IGNORED)
-    with Guest(image, uri=DEFAULT_URI, name_prefix="crashlab-bench") as vm:
+    with Guest(image, uri=DEFAULT_LIBVIRT_URI, name_prefix="crashlab-bench") as vm:
         vm.wait_ready()
-        yield Target(DEFAULT_URI, vm.name, f"nmi-ignored QEMU guest ({vm.accel}) on {DEFAULT_URI}")
+        yield Target(
+            DEFAULT_LIBVIRT_URI,
+            vm.name,
+            f"nmi-ignored QEMU guest ({vm.accel}) on {DEFAULT_LIBVIRT_URI}",
+        )
 
 
 class APIOverheadBenchmark(Benchmark):

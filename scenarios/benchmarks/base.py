@@ -1,6 +1,6 @@
 """What a benchmark is, what a run hands it, and how much of it a run does.
 
-A benchmark is one object in ``scenarios.benchmarks.REGISTRY``: its ``name`` is
+A benchmark is one object in ``scenarios.benchmarks.registry.REGISTRY``: its ``name`` is
 its key in the report, ``run(context)`` measures and returns that entry (plain
 JSON data), ``render(result)`` prints it, ``targets(result)`` judges it and
 ``errors(result)`` lists the wrong results (an NMI lost or duplicated) that

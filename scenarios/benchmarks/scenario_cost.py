@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from app.process import REPO_ROOT
-from emulators.accel import Accel, detect_accel
-from emulators.guest import DEFAULT_URI, DUMP_DISK_MIB, MEMORY_MIB, Console
+from drivers.uris import DEFAULT_LIBVIRT_URI
+from emulators.accel import Accel
+from emulators.guest import DUMP_DISK_MIB, MEMORY_MIB, Console, detect_accel
 from emulators.guest_image import (
     DUMP_FAILED_MARKER,
     DUMP_SAVED_MARKER,
@@ -48,7 +49,7 @@ POLL_SECONDS = 0.02
 
 def run(repeats: int, workdir: Path) -> dict[str, Any]:
     image = build_image(ImageVariant.KDUMP)
-    accel = detect_accel(image, DEFAULT_URI)
+    accel = detect_accel(image, DEFAULT_LIBVIRT_URI)
     ours: list[dict[str, float]] = []
     theirs: list[dict[str, float]] = []
     for index in range(repeats):
@@ -72,7 +73,7 @@ def run(repeats: int, workdir: Path) -> dict[str, Any]:
 def _through_crashlab(output: Path) -> dict[str, float]:
     """One ``crashlab scenario kdump --via libvirt``; its wall time and its own phases."""
     command = [
-        sys.executable, "-m", "app.cli", "scenario", "kdump", "--via", "libvirt",
+        sys.executable, "-m", "scenarios.cli", "scenario", "kdump", "--via", "libvirt",
         "--json", "--quiet", "--output", str(output),
     ]  # fmt: skip
     started = time.monotonic()

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from emulators.accel import detect_accel
-from emulators.guest import DEFAULT_URI, Guest
+from drivers.uris import DEFAULT_LIBVIRT_URI
+from emulators.guest import Guest, detect_accel
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.vbmc import VirtualBMCs
 from scenarios.benchmarks import fleet
@@ -72,7 +72,7 @@ class GuestBMCs:
         workdir: Path,
         count: int = GUESTS,
         *,
-        uri: str = DEFAULT_URI,
+        uri: str = DEFAULT_LIBVIRT_URI,
         memory_mib: int = GUEST_MEMORY_MIB,
         boot_timeout: float = BOOT_TIMEOUT,
     ) -> None:

@@ -7,7 +7,9 @@ serial console (its kernel logs each NMI) or by the peer BMC itself.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
+import logging
 import subprocess
 import sys
 import textwrap
@@ -25,7 +27,7 @@ from pyghmi.ipmi.private import session as ipmi_session
 
 from app.client import wait_for_action
 from app.process import free_port
-from drivers import ipmi as ipmi_driver
+from drivers import pyghmi_patches
 from drivers.base import (
     BackendAuthFailed,
     BackendRejected,
@@ -34,7 +36,8 @@ from drivers.base import (
     PowerState,
     ServerPoweredOff,
 )
-from drivers.ipmi import IPMIDriver, IPMISettings, NegotiatingSession
+from drivers.ipmi import IPMIDriver, IPMISettings
+from drivers.pyghmi_patches import NegotiatingSession
 from emulators.guest import Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.ipmi_sim import IPMIFleet
@@ -50,7 +53,7 @@ from tests.fixtures import (
     wait_console_count,
     wait_for_event,
 )
-from tests.live import LiveServer
+from tests.live import REPO, LiveServer
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
 
@@ -106,9 +109,15 @@ def test_pyghmi_still_has_the_private_names_the_workaround_uses() -> None:
 
 
 def test_pyghmi_still_has_the_private_names_the_lost_wakeup_fix_uses() -> None:
-    """drivers/ipmi.py replaces ``_io_wait``; a pyghmi that reworks its I/O loop must fail here."""
-    assert ipmi_session._io_wait is ipmi_driver._io_wait
-    assert list(inspect.signature(ipmi_driver._io_wait).parameters) == ["timeout", "myaddr", "evq"]
+    """drivers/pyghmi_patches.py replaces ``_io_wait``; a pyghmi that reworks its I/O loop
+    must fail here."""
+    pyghmi_patches.install()
+    assert ipmi_session._io_wait is pyghmi_patches._io_wait
+    assert list(inspect.signature(pyghmi_patches._io_wait).parameters) == [
+        "timeout",
+        "myaddr",
+        "evq",
+    ]
     for name in ("ioqueue", "sessionqueue", "selectdeadline", "iosockets", "myself"):
         assert hasattr(ipmi_session, name), f"pyghmi no longer has session.{name}"
     assert callable(ipmi_session._monotonic_time)
@@ -138,6 +147,39 @@ def test_pyghmi_still_has_the_private_names_the_single_pulse_uses() -> None:
     assert "self.onlogpayload = self.lastpayload" in timed_out
 
 
+def test_pyghmi_patches_are_installed_by_the_driver_not_by_an_import() -> None:
+    script = textwrap.dedent(
+        """
+        from pyghmi.ipmi.private import session
+        stock = session._io_wait
+        from drivers.ipmi import IPMIDriver
+        assert session._io_wait is stock, "patched by the import"
+        settings = {"address": "127.0.0.1", "username": "u", "password": "p"}
+        IPMIDriver("server-1", IPMIDriver.parse_settings(settings))
+        patched = session._io_wait
+        assert patched is not stock, "not patched by the driver"
+        assert session.KEEPALIVE_SESSIONS is session.WAITING_SESSIONS
+        from drivers import pyghmi_patches
+        pyghmi_patches.install()
+        assert session._io_wait is patched, "installed twice"
+        """
+    )
+    # A separate process: this one has the patches installed already.
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_pyghmi_version_not_verified_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    installed = importlib.metadata.version("pyghmi")
+    assert pyghmi_patches.check_version(installed), f"pyghmi {installed} was not verified"
+    with caplog.at_level(logging.WARNING, logger="drivers.pyghmi_patches"):
+        assert not pyghmi_patches.check_version("1.7.0")
+    assert "pyghmi 1.7.0 is installed" in caplog.text
+    assert "verified against pyghmi 1.6.19" in caplog.text
+
+
 def test_stock_pyghmi_session_cannot_log_in_to_virtualbmc(
     vbmcs: VirtualBMCs, blank_domain: Callable[..., str]
 ) -> None:
@@ -161,6 +203,7 @@ def test_stock_pyghmi_session_cannot_log_in_to_virtualbmc(
 def test_negotiating_session_logs_in_to_virtualbmc_with_suite_3(
     vbmcs: VirtualBMCs, blank_domain: Callable[..., str]
 ) -> None:
+    pyghmi_patches.install()
     endpoint = vbmcs.add(blank_domain())
     session = NegotiatingSession(
         bmc=endpoint.address,
@@ -368,7 +411,7 @@ STALL = 0.4  # seconds; pyghmi's retry timer, which ends a lost wakeup, is 0.5 s
 
 
 def test_no_call_waits_for_pyghmi_retry_timer(ipmi_peers: Callable[..., IPMIPeers]) -> None:
-    """Every answer wakes its caller at once (see "Lost wakeups" in drivers/ipmi.py).
+    """Every answer wakes its caller at once (see "Lost wakeups" in drivers/pyghmi_patches.py).
 
     With pyghmi's own ``_io_wait``, 10-30 % of these 120 reads took 0.5-1.8 s here
     (12 or more). One stall is allowed: the answer of a session can still be
@@ -549,7 +592,9 @@ SIMULATED_FLEET = 200  # the bench's largest fleet; 100 did not deadlock on this
 
 
 def test_pyghmi_still_nests_its_two_session_locks_both_ways() -> None:
-    """Why drivers/ipmi.py makes them one lock: a pyghmi that stops nesting them may drop it."""
+    """Why drivers/pyghmi_patches.py makes them one lock: a pyghmi that stops nesting them
+    may drop it."""
+    pyghmi_patches.install()
     send = inspect.getsource(ipmi_session.Session.send_payload)
     assert "with util.protect(KEEPALIVE_SESSIONS):" in send  # ... then _xmit_packet:
     assert "with util.protect(WAITING_SESSIONS):" in inspect.getsource(

@@ -16,6 +16,7 @@ import pytest
 from app.client import wait_for_action
 from drivers.base import BackendUnreachable, InstanceNotRunning, PowerState, ServerNotFound
 from drivers.libvirt import LibvirtDriver, LibvirtSettings
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.guest import Guest
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from tests.live import LiveServer, fake_cloud_config
@@ -30,7 +31,7 @@ def guest() -> Iterator[Guest]:
         yield running
 
 
-def _driver(domain: str, uri: str = "qemu:///system") -> LibvirtDriver:
+def _driver(domain: str, uri: str = DEFAULT_LIBVIRT_URI) -> LibvirtDriver:
     return LibvirtDriver(
         "00000000-0000-0000-0000-000000000001", LibvirtSettings(uri=uri, domain=domain)
     )
@@ -70,7 +71,7 @@ def test_trigger_through_the_api_as_owner(
                 "project_id": "alice",
                 "user_id": "alice",
                 "driver": "libvirt",
-                "driver_info": {"uri": "qemu:///system", "domain": guest.name},
+                "driver_info": {"uri": DEFAULT_LIBVIRT_URI, "domain": guest.name},
             }
         ]
     )

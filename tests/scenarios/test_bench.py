@@ -24,7 +24,7 @@ QUICK_ROUNDS, QUICK_ROUNDS_N = 2, 50
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "bench", "--quick", "--json", "--quiet"]
+        [sys.executable, "-m", "scenarios.cli", "bench", "--quick", "--json", "--quiet"]
         + ["--output", str(output)],
         capture_output=True,
         text=True,

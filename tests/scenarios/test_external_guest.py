@@ -23,13 +23,14 @@ import httpx
 import pytest
 
 from app.client import CRASH_DUMP_EVENT, wait_for_action
+from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.vmcore import extract_vmcore
 from tests.live import LiveServer, fake_cloud_config
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
 BUILD_SCRIPT = Path(__file__).with_name("external_guest.sh")
-URI = "qemu:///system"
+URI = DEFAULT_LIBVIRT_URI
 UP = re.compile(r"external-guest: up kernel=(\S+) crash_loaded=(\d)")
 DUMP_SAVED = "external-guest: dump saved"
 DUMP_OUTCOME = re.compile(r"external-guest: dump (saved|failed.*)")

@@ -38,7 +38,7 @@ MATRIX_TIMEOUT = 2400
 def crashlab_command() -> list[str]:
     """The installed ``crashlab`` entry point beside this interpreter, as a user runs it."""
     script = Path(sys.executable).with_name("crashlab")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "scenarios.cli"]
 
 
 def crashlab(
