@@ -4,7 +4,7 @@ Each fixture that starts something stops or removes it afterwards, whatever
 happened in the test:
 
 - ``crashlab_server`` / ``fake_cloud``: ``crashlab serve`` child processes;
-- ``libvirt_conn``: the session's connection to qemu:///system;
+- ``libvirt_conn``: a test's own connection to qemu:///system;
 - ``blank_domain``: a minimal QEMU domain (no OS; SeaBIOS finds nothing to boot
   and waits), enough for power state, and for virtualbmc and sushy-tools to act on;
 - ``nmi_logging_guest``: a booted ``nmi-ignored`` guest whose kernel logs every
@@ -78,8 +78,10 @@ def fake_cloud(crashlab_server: Callable[..., LiveServer]) -> LiveServer:
 # -- libvirt -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def libvirt_conn() -> Iterator[libvirt.virConnect]:
+    """A connection of this test's own: tests/reliability restarts libvirtd, which
+    closes every connection opened before, so none is kept across tests."""
     try:
         conn = libvirt.open(LIBVIRT_URI)
     except libvirt.libvirtError as exc:
@@ -87,9 +89,6 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
             f"libvirtd is not reachable at {LIBVIRT_URI} (start virtlogd -d; libvirtd -d): {exc}"
         )
     yield conn
-    conn.close()
-    # A new connection: libvirtd may have been restarted since (tests/reliability does).
-    conn = libvirt.open(LIBVIRT_URI)
     for domain in conn.listAllDomains():
         if domain.name().startswith(BLANK_PREFIX):  # left by a killed run
             _remove(domain)
