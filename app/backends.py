@@ -159,6 +159,18 @@ class Backends:
             self._close(old[1])
         return driver
 
+    def evidence_driver(self, server: Server, domain: str | None, uri: str | None) -> Driver | None:
+        """The libvirt driver of the domain that holds a server's console and dump disk.
+
+        The disk target's own domain where it names one, else the server's
+        own for a libvirt server; None when there is neither.
+        """
+        if domain is None:
+            return self.driver_for(server) if server.driver == "libvirt" else None
+        cls = driver_class("libvirt")
+        settings = {"domain": domain} if uri is None else {"domain": domain, "uri": uri}
+        return cls(server.uuid, cls.parse_settings(settings))
+
     def bulkhead(self, driver: Driver) -> Bulkhead:
         with self._lock:
             bulkhead = self._bulkheads.get(driver.backend_id)

@@ -86,9 +86,30 @@ def add_commands(commands: Commands) -> None:
     trigger = commands.add_parser("trigger-crash", help="trigger a crash dump in a server")
     _client_flags(trigger)
     trigger.add_argument("server", help="name or uuid")
-    trigger.add_argument("--wait", action="store_true", help="wait for the event's result")
-    trigger.add_argument("--timeout", type=float, default=120.0)
+    trigger.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the NMI's result, then for the crash dump to be verified or failed",
+    )
+    trigger.add_argument("--timeout", type=float, default=600.0)
     trigger.set_defaults(handler=_trigger_crash)
+
+    dump = commands.add_parser("dump", help="crash dumps").add_subparsers(title="dump commands")
+    dump_list = dump.add_parser("list", help="list a server's crash dumps, newest first")
+    _client_flags(dump_list)
+    dump_list.add_argument("server", help="name or uuid")
+    dump_list.set_defaults(handler=_dump_list)
+    dump_show = dump.add_parser("show", help="show one crash dump")
+    _client_flags(dump_show)
+    dump_show.add_argument("server", help="name or uuid")
+    dump_show.add_argument("dump", help="the crash dump's id")
+    dump_show.set_defaults(handler=_dump_show)
+    dump_get = dump.add_parser("get", help="download a crash dump's vmcore")
+    _client_flags(dump_get)
+    dump_get.add_argument("server", help="name or uuid")
+    dump_get.add_argument("dump", help="the crash dump's id")
+    dump_get.add_argument("-o", "--output", type=Path, required=True, help="where to write it")
+    dump_get.set_defaults(handler=_dump_get)
 
     server = commands.add_parser("server", help="servers").add_subparsers(title="server commands")
     server_list = server.add_parser("list", help="list servers")
@@ -181,11 +202,66 @@ def _trigger_crash(args: argparse.Namespace) -> int:
         return 0
     action = client.wait_for_event(server["id"], request_id, timeout=args.timeout)
     event = action["events"][0]
-    text = f"{event['event']}: {event['result']}" + (
-        f" ({event['details']})" if event.get("details") else ""
+    _progress(args, f"{event['event']}: {event['result']}" + _details(event))
+    report: dict[str, Any] = {"server_id": server["id"], "request_id": request_id, "event": event}
+    if event["result"] != "Success":
+        _print(args, report, f"the NMI was not sent: {event.get('details') or event['result']}")
+        return 1
+    if not any(d["request_id"] == request_id for d in client.list_crash_dumps(server["id"])):
+        # The dump is opened with the NMI's Success: none means a server without a target.
+        _print(args, report, "the NMI was sent; the server has no dump target to follow")
+        return 0
+    dump = client.wait_for_dump(
+        server["id"],
+        request_id,
+        timeout=args.timeout,
+        on_change=lambda d: _progress(args, f"crash dump {d['id']}: {d['state']}"),
     )
-    _print(args, {"server_id": server["id"], "request_id": request_id, "event": event}, text)
-    return 0 if event["result"] == "Success" else 1
+    report["crash_dump"] = dump
+    report["events"] = client.get_action(server["id"], request_id)["events"]
+    for followed in report["events"][1:]:
+        _progress(args, f"{followed['event']}: {followed['result']}" + _details(followed))
+    text = f"crash dump {dump['id']}: {dump['state']}" + (
+        f" ({dump['error']})" if dump.get("error") else ""
+    )
+    _print(args, report, text)
+    return 0 if dump["state"] == "verified" else 1
+
+
+def _details(event: dict[str, Any]) -> str:
+    return f" ({event['details']})" if event.get("details") else ""
+
+
+def _progress(args: argparse.Namespace, line: str) -> None:
+    """One line per phase on stderr, so --json output stays one object."""
+    print(line, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
+def _dump_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    dumps = client.list_crash_dumps(client.find_server(args.server)["id"])
+    rows = [
+        [d["id"], d["state"], d["target"], d["request_id"], d["created_at"], str(d["error"] or "")]
+        for d in dumps
+    ]
+    _print(
+        args, dumps, _table(["ID", "State", "Target", "Request_ID", "Created_At", "Error"], rows)
+    )
+    return 0
+
+
+def _dump_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    dump = client.get_crash_dump(client.find_server(args.server)["id"], args.dump)
+    _print(args, dump, json.dumps(dump, indent=2))
+    return 0
+
+
+def _dump_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+    size = client.download_vmcore(client.find_server(args.server)["id"], args.dump, args.output)
+    _print(args, {"path": str(args.output), "bytes": size}, f"{args.output}: {size} bytes")
+    return 0
 
 
 def _server_list(args: argparse.Namespace) -> int:

@@ -11,12 +11,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from app.events import CRASH_DUMP_EVENT  # noqa: F401 - callers read it here
+
 MICROVERSION = "2.17"
-CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
+# A crash dump in one of these states is followed no further (app/follower.py).
+TERMINAL_DUMP_STATES = frozenset({"verified", "failed"})
 
 
 class ClientError(Exception):
@@ -205,8 +209,79 @@ class CrashlabClient:
         """Poll until every event of the action has a result."""
         return wait_for_action(self.get, server_id, request_id, timeout=timeout)
 
+    # crashlab's crash dumps: what followed each NMI
+
+    def list_crash_dumps(self, server_id: str) -> list[dict[str, Any]]:
+        dumps: list[dict[str, Any]] = self.get(crash_dumps_path(server_id)).json()["crash_dumps"]
+        return dumps
+
+    def get_crash_dump(self, server_id: str, dump_id: str) -> dict[str, Any]:
+        dump: dict[str, Any] = self.get(crash_dumps_path(server_id, dump_id)).json()["crash_dump"]
+        return dump
+
+    def wait_for_dump(
+        self,
+        server_id: str,
+        request_id: str,
+        *,
+        timeout: float = 600.0,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """The crash dump of ``request_id`` once terminal; ``on_change`` sees each new state."""
+        return wait_for_dump(self.get, server_id, request_id, timeout=timeout, on_change=on_change)
+
+    def download_vmcore(self, server_id: str, dump_id: str, out: Path) -> int:
+        """Stream the vmcore to ``out``; returns its size."""
+        url = self.compute_url + crash_dumps_path(server_id, dump_id) + "/vmcore"
+        with self.http.stream("GET", url, headers={"X-Auth-Token": self.token}) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_fault(response)
+            with out.open("wb") as file:
+                for chunk in response.iter_bytes(1 << 20):
+                    file.write(chunk)
+        return out.stat().st_size
+
     def close(self) -> None:
         self.http.close()
+
+
+def crash_dumps_path(server_id: str, dump_id: str | None = None) -> str:
+    path = f"/crashlab/servers/{server_id}/crash-dumps"
+    return path if dump_id is None else f"{path}/{dump_id}"
+
+
+def wait_for_dump(
+    get: Callable[[str], httpx.Response],
+    server_id: str,
+    request_id: str,
+    *,
+    timeout: float = 600.0,
+    poll: float = 0.5,
+    on_change: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The crash dump that ``request_id``'s NMI caused, once it is terminal.
+
+    ``get`` reads a path under the compute root, as for ``wait_for_action``.
+    Raises ``TimeoutError`` after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    seen = None
+    while True:
+        response = get(crash_dumps_path(server_id))
+        _raise_for_fault(response)
+        dump = next(
+            (d for d in response.json()["crash_dumps"] if d["request_id"] == request_id), None
+        )
+        if dump is not None and dump["state"] != seen:
+            seen = dump["state"]
+            if on_change is not None:
+                on_change(dump)
+        if dump is not None and dump["state"] in TERMINAL_DUMP_STATES:
+            return dict(dump)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the crash dump of {request_id} was not done within {timeout:g} s")
+        time.sleep(poll)
 
 
 def _raise_for_fault(response: httpx.Response) -> None:

@@ -117,6 +117,11 @@ class ServerConfig(_Strict):
     user_id: str = Field(description="user name or id")
     driver: str
     driver_info: dict[str, Any] = {}
+    dump_target: dict[str, Any] | None = Field(
+        None, description="where its crash dump lands (app/dump_targets.py); default none"
+    )
+    dump_timeouts: dict[str, Any] | None = None
+    expected_kernel_release: str | None = Field(None, min_length=1, max_length=255)
     # Initial runtime state, applied when the server is first recorded.
     vm_state: Literal["error"] | None = None
     locked_by: Literal["admin", "owner"] | None = None
@@ -156,6 +161,20 @@ class PowerSyncConfig(_Strict):
     interval_seconds: float = Field(10.0, gt=0, le=86400)
 
 
+class CrashDumpsConfig(_Strict):
+    """Following each dump after its NMI (app/follower.py), and keeping the vmcores."""
+
+    directory: Path | None = Field(None, description="default: crash-dumps/ beside the state file")
+    retention_count: int = Field(20, ge=1, le=100000, description="vmcores kept, newest first")
+    retention_bytes: int = Field(10 * 2**30, ge=1, description="and at most this many bytes")
+    clock_skew_seconds: float = Field(
+        120.0, ge=0, le=86400, description="how far a guest's clock may be from this host's"
+    )
+    stall_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a dump that stops growing this long is incomplete"
+    )
+
+
 class Config(_Strict):
     state_file: Path | None = None
     policy_file: Path | None = None
@@ -178,6 +197,7 @@ class Config(_Strict):
         description="let the admin API register test backends: the fake drivers, test:///default",
     )
     nmi_guard: NMIGuardConfig = Field(default_factory=NMIGuardConfig)
+    crash_dumps: CrashDumpsConfig = Field(default_factory=CrashDumpsConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     servers: list[ServerConfig] = []
 

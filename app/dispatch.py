@@ -16,10 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+import uuid
+from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 
 from app.backends import Backends, BackendTimeout
+from app.dump_targets import Evidence
+from app.follower import CrashDumpFollower
 from app.service import PendingCrashDump
 from app.store import Store
 from drivers.base import DriverError, may_have_sent_nmi
@@ -32,9 +36,12 @@ REMOVED_DETAILS = "the server was removed before the NMI was sent; nothing was s
 class CrashDumpDispatcher:
     """Sends each accepted NMI through ``backends`` and records its event in ``store``."""
 
-    def __init__(self, store: Store, backends: Backends, timeout: float) -> None:
+    def __init__(
+        self, store: Store, backends: Backends, follower: CrashDumpFollower, timeout: float
+    ) -> None:
         self.store = store
         self.backends = backends
+        self.follower = follower
         self.timeout = timeout
 
     async def run(self, pending: PendingCrashDump) -> None:
@@ -42,6 +49,9 @@ class CrashDumpDispatcher:
             # Deleted with its server (or already ended): there is nothing to record.
             LOG.info("trigger_crash_dump %s: %s", pending.action.request_id, REMOVED_DETAILS)
             return
+        follows = self.follower.target_type(pending.server) != "none"
+        # Where the dump will show, marked before the NMI: only what comes after it counts.
+        evidence = await self.follower.mark(pending.server) if follows else Evidence()
         result, details, frames = "Success", None, None
         future = None
         try:
@@ -68,6 +78,9 @@ class CrashDumpDispatcher:
             result,
             f" ({details})" if details else "",
         )
+        if result == "Success" and follows:
+            await self._open_dump(pending, evidence)
+            return
         await run_in_threadpool(
             self.store.finish_event,
             pending.event_id,
@@ -75,6 +88,20 @@ class CrashDumpDispatcher:
             details=details,
             traceback=frames,
         )
+
+    async def _open_dump(self, pending: PendingCrashDump, evidence: Evidence) -> None:
+        dump = await run_in_threadpool(
+            partial(
+                self.store.finish_nmi_and_open_dump,
+                pending.event_id,
+                dump_id=str(uuid.uuid4()),
+                target=self.follower.target_type(pending.server),
+                evidence=evidence.as_dict(),
+                owner=self.follower.owner,
+            )
+        )
+        if dump is not None:
+            self.follower.start(dump)
 
 
 def _frames(error: BaseException) -> str:

@@ -14,7 +14,9 @@ One handler in ``app.api.faults`` formats them all as Nova does:
      │    └── PolicyNotAuthorized       "Policy doesn't allow R to be performed."
      ├── NotFound                   404 itemNotFound
      │    ├── InstanceNotFound          "Instance <uuid> could not be found."
-     │    └── InstanceActionNotFound
+     │    ├── InstanceActionNotFound
+     │    ├── CrashDumpNotFound         "Crash dump <id> of instance <uuid> could not be found."
+     │    └── NoVmcore                  the dump has no vmcore (yet, or ever)
      ├── NotAcceptable              406 computeFault (Nova has no name for 406)
      │    └── VersionNotSupported       "Version X is not supported by the API. ..."
      ├── Conflict                   409 conflictingRequest
@@ -22,6 +24,8 @@ One handler in ``app.api.faults`` formats them all as Nova does:
      │    ├── InstanceInvalidState      "Cannot 'A' instance <uuid> while it is in vm_state S"
      │    ├── NMIGuardActive            crashlab's storm guard (beyond Nova)
      │    └── DuplicateServer
+     ├── Gone                       410 computeFault (Nova has no name for 410)
+     │    └── VmcoreRemoved             the vmcore was removed by retention
      ├── PayloadTooLarge            413 overLimit
      ├── UnsupportedMediaType       415 badMediaType
      ├── InternalError              500 computeFault
@@ -128,6 +132,16 @@ class InstanceActionNotFound(NotFound):
         super().__init__(f"Action {request_id} not found")
 
 
+class CrashDumpNotFound(NotFound):
+    def __init__(self, dump_id: str, instance_uuid: str) -> None:
+        super().__init__(f"Crash dump {dump_id} of instance {instance_uuid} could not be found.")
+
+
+class NoVmcore(NotFound):
+    def __init__(self, dump_id: str, state: str) -> None:
+        super().__init__(f"Crash dump {dump_id} has no vmcore (state {state}).")
+
+
 class NotAcceptable(APIError):
     status = 406
     default_message = "The resource could not be found."
@@ -163,6 +177,19 @@ class NMIGuardActive(Conflict):
 
 class DuplicateServer(Conflict):
     pass
+
+
+class Gone(APIError):
+    status = 410
+    default_message = "The resource is no longer available."
+
+
+class VmcoreRemoved(Gone):
+    def __init__(self, dump_id: str) -> None:
+        super().__init__(
+            f"The vmcore of crash dump {dump_id} was removed by the retention policy; "
+            "its record remains."
+        )
 
 
 class PayloadTooLarge(APIError):

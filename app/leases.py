@@ -16,6 +16,7 @@ import socket
 import uuid
 from pathlib import Path
 
+from app.events import CRASH_DUMP_EVENT
 from app.store import ServiceLease, Store, utcnow
 
 LOG = logging.getLogger(__name__)
@@ -66,11 +67,18 @@ class ProcessLease:
         # On this host a dead process is known at once, not only when its lease lapses.
         return lease.host != self.host or _pid_started(lease.pid) == lease.pid_started
 
-    def fail_orphaned_events(self) -> int:
-        """Fail the running events of every process that is no longer alive."""
+    def live_owners(self) -> set[str]:
+        """The lease ids of the processes alive now, this one's included."""
         now = utcnow()
-        live = {lease.id for lease in self.store.list_leases() if self.is_live(lease, now)}
-        return self.store.fail_orphaned_events(live | {self.id}, ORPHANED_DETAILS)
+        return {lease.id for lease in self.store.list_leases() if self.is_live(lease, now)} | {
+            self.id
+        }
+
+    def fail_orphaned_events(self) -> int:
+        """Fail the running NMI events of every process that is no longer alive."""
+        return self.store.fail_orphaned_events(
+            self.live_owners(), ORPHANED_DETAILS, CRASH_DUMP_EVENT
+        )
 
     async def keep(self) -> None:
         """Renew the lease and reap orphaned events, until cancelled."""

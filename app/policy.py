@@ -41,6 +41,10 @@ ACTIONS_EVENTS_DETAILS = "os_compute_api:os-instance-actions:events:details"
 # crashlab's own extension.
 MANAGE_SERVERS = "crashlab:servers:manage"
 EXTENSION_TRIGGER_CRASH_DUMP = "crashlab:servers:trigger_crash_dump"
+# The crash dumps that followed each NMI, and their vmcores.
+CRASH_DUMPS_LIST = "os_compute_api:crashlab:crash_dumps:list"
+CRASH_DUMPS_SHOW = "os_compute_api:crashlab:crash_dumps:show"
+CRASH_DUMPS_DOWNLOAD = "os_compute_api:crashlab:crash_dumps:download"
 # The extension trigger's options: "ignore_nmi_guard": true.
 BYPASS_NMI_GUARD = "crashlab:nmi_guard:bypass"
 
@@ -77,6 +81,9 @@ _API_RULES = {
     MANAGE_SERVERS: ADMIN,
     EXTENSION_TRIGGER_CRASH_DUMP: PROJECT_MEMBER_OR_ADMIN,
     BYPASS_NMI_GUARD: ADMIN,
+    CRASH_DUMPS_LIST: PROJECT_READER_OR_ADMIN,
+    CRASH_DUMPS_SHOW: PROJECT_READER_OR_ADMIN,
+    CRASH_DUMPS_DOWNLOAD: PROJECT_READER_OR_ADMIN,
 }
 
 

@@ -20,9 +20,12 @@ from app import policy as rules
 from app.backends import Backends, encrypt_secrets
 from app.config import Config, IdentityConfig, NMIGuardConfig
 from app.crypto import SecretBox
+from app.dump_targets import DiskTarget, parse_target, parse_timeouts
+from app.events import CRASH_DUMP_EVENT
 from app.policy import Credentials, PolicyEnforcer
 from app.store import (
     ActionStart,
+    CrashDump,
     DumpCoolingDown,
     DumpInProgress,
     InstanceAction,
@@ -40,7 +43,6 @@ from drivers.base import DriverSettings, PowerState, SettingsSource
 LOG = logging.getLogger(__name__)
 
 TRIGGER_CRASH_DUMP = "trigger_crash_dump"
-CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
 # Nova's vm states that allow a crash dump (ALLOW_TRIGGER_CRASH_DUMP)
 ALLOW_TRIGGER_CRASH_DUMP = ("active", "paused", "rescued", "resized", "error")
 
@@ -283,6 +285,23 @@ class ComputeService:
             raise exc.InstanceActionNotFound(request_id, server.uuid)
         return action, self.policy.allowed(rules.ACTIONS_EVENTS, target, ctx.credentials)
 
+    # crashlab extension: the crash dumps that followed each NMI
+
+    def list_crash_dumps(self, ctx: Context, server_id: str) -> list[CrashDump]:
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.CRASH_DUMPS_LIST, _target(server), ctx.credentials)
+        return self.store.list_crash_dumps(server.uuid)
+
+    def get_crash_dump(
+        self, ctx: Context, server_id: str, dump_id: str, rule: str = rules.CRASH_DUMPS_SHOW
+    ) -> CrashDump:
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rule, _target(server), ctx.credentials)
+        dump = self.store.get_crash_dump(server.uuid, dump_id)
+        if dump is None:
+            raise exc.CrashDumpNotFound(dump_id, server.uuid)
+        return dump
+
     # crashlab extension: the inventory
 
     def _authorize_manage(self, ctx: Context) -> None:
@@ -310,6 +329,9 @@ class ComputeService:
             driver_info=spec.get("driver_info", {}),
             source="api",
             test_drivers=self.config.test_drivers,
+            dump_target=spec.get("dump_target"),
+            dump_timeouts=spec.get("dump_timeouts"),
+            expected_kernel_release=spec.get("expected_kernel_release"),
         )
         if not self.store.add_server(server):
             raise exc.DuplicateServer(f"A server with uuid {server.uuid} already exists.")
@@ -341,6 +363,9 @@ def build_server(
     driver_info: dict[str, Any],
     source: str,
     test_drivers: bool = False,
+    dump_target: dict[str, Any] | None = None,
+    dump_timeouts: dict[str, Any] | None = None,
+    expected_kernel_release: str | None = None,
 ) -> Server:
     """A validated server, secrets encrypted; BadRequest if invalid.
 
@@ -367,6 +392,7 @@ def build_server(
             f"Invalid driver_info for driver {driver}: {_brief(error, cls.settings_model)}"
         ) from None
     stored = encrypt_secrets(driver, settings.model_dump(mode="json", exclude_none=True), box)
+    target, timeouts = _dump_settings(driver, dump_target, dump_timeouts)
     now = utcnow()
     return Server(
         uuid=str(uuidlib.UUID(uuid)),
@@ -379,7 +405,33 @@ def build_server(
         created_at=now,
         updated_at=now,
         last_power_state=int(PowerState.NOSTATE),
+        dump_target=target,
+        dump_timeouts=timeouts,
+        expected_kernel_release=expected_kernel_release,
     )
+
+
+def _dump_settings(
+    driver: str, dump_target: dict[str, Any] | None, dump_timeouts: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The dump target and timeouts as stored; BadRequest naming the field if invalid."""
+    try:
+        target = parse_target(dump_target)
+        timeouts = parse_timeouts(dump_timeouts)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:] if part) or "dump_target"
+        message = first["msg"].removeprefix("Value error, ")
+        raise exc.ValidationFailed(
+            f"Invalid dump_target or dump_timeouts: {where}: {message}"
+        ) from None
+    if isinstance(target, DiskTarget) and target.domain is None and driver != "libvirt":
+        raise exc.ValidationFailed(
+            "Invalid dump_target: a disk target of a server whose driver is not libvirt "
+            "must name its domain."
+        )
+    stored_target = None if target.type == "none" else target.model_dump(exclude_none=True)
+    return stored_target, None if dump_timeouts is None else timeouts.model_dump()
 
 
 def _brief(error: ValidationError, model: type[DriverSettings]) -> str:

@@ -68,6 +68,11 @@ class Server:
     # Set by os-resetState to "error"; None means the state is read live.
     vm_state_override: str | None = None
     last_crash_dump_at: dt.datetime | None = None
+    # Where the crash kernel's dump lands, and how long each phase of following
+    # it may take (app/dump_targets.py); None is the "none" target.
+    dump_target: dict[str, Any] | None = None
+    dump_timeouts: dict[str, Any] | None = None
+    expected_kernel_release: str | None = None
 
     @property
     def locked(self) -> bool:
@@ -133,6 +138,33 @@ class ActionStart:
     project_id: str
 
 
+@dataclass(frozen=True)
+class CrashDump:
+    """What followed one NMI: the evidence of its panic and the vmcore it left.
+
+    ``evidence`` is where the follower looks, decided before the NMI was sent
+    (app/dump_targets.py); ``vmcore`` and ``panic`` are what the dump says of
+    itself once collected.
+    """
+
+    id: str
+    server_id: str
+    action_id: int
+    request_id: str
+    state: str
+    target: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    nmi_sent_at: dt.datetime
+    evidence: dict[str, Any]
+    error: str | None = None
+    vmcore: dict[str, Any] | None = None
+    panic: dict[str, Any] | None = None
+    stored_bytes: int = 0
+    removed_at: dt.datetime | None = None
+    owner: str | None = None
+
+
 # The rows: private to this module.
 
 
@@ -162,6 +194,9 @@ class _ServerRow(Base):
     # its state was last read from the backend.
     power_sync_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     power_synced_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    dump_target: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    dump_timeouts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    expected_kernel_release: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class _ActionRow(Base):
@@ -210,6 +245,33 @@ class _LeaseRow(Base):
     # is not mistaken for the process.
     pid_started: Mapped[int] = mapped_column(Integer)
     renewed_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class _CrashDumpRow(Base):
+    __tablename__ = "crash_dumps"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    server_id: Mapped[str] = mapped_column(String(36), index=True)
+    # One dump per NMI: a dump is never attributed twice.
+    action_id: Mapped[int] = mapped_column(ForeignKey("instance_actions.id"), unique=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    target: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    nmi_sent_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    vmcore: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    panic: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    stored_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    removed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # The process following the dump (see ServiceLease).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+# A dump in one of these states is still being followed.
+UNFINISHED_DUMP_STATES = ("waiting", "panicked", "collecting", "collected")
 
 
 class ServerGone(Exception):
@@ -305,6 +367,9 @@ class Store:
             row.driver = server.driver
             row.driver_info = server.driver_info
             row.source = server.source
+            row.dump_target = server.dump_target
+            row.dump_timeouts = server.dump_timeouts
+            row.expected_kernel_release = server.expected_kernel_release
 
     def delete_server(self, server_uuid: str) -> bool:
         """Delete a server with all it owned: its actions and their events.
@@ -325,6 +390,7 @@ class Store:
             ).first()
             if sending is not None:
                 raise NMIOnItsWay()
+            session.execute(delete(_CrashDumpRow).where(_CrashDumpRow.server_id == server_uuid))
             session.execute(delete(_EventRow).where(_EventRow.action_id.in_(action_ids)))
             session.execute(delete(_ActionRow).where(_ActionRow.instance_uuid == server_uuid))
             session.execute(delete(_ServerRow).where(_ServerRow.uuid == server_uuid))
@@ -535,16 +601,18 @@ class Store:
         with self.session() as session:
             return [_lease(row) for row in session.scalars(select(_LeaseRow))]
 
-    def fail_orphaned_events(self, live_owners: set[str], details: str) -> int:
-        """Fail every running event whose owner is not among ``live_owners``.
+    def fail_orphaned_events(self, live_owners: set[str], details: str, event_name: str) -> int:
+        """Fail every running ``event_name`` event whose owner is not among ``live_owners``.
 
         Never re-sends anything; the dead owners' leases are removed with them.
+        (The events that follow a dump are resumed instead: see claim_orphaned_dumps.)
         """
         with self.transaction() as session:
             ids = list(
                 session.scalars(
                     select(_EventRow.id).where(
                         _EventRow.finish_time.is_(None),
+                        _EventRow.event == event_name,
                         or_(_EventRow.owner.is_(None), _EventRow.owner.not_in(live_owners)),
                     )
                 )
@@ -553,6 +621,130 @@ class Store:
         for event_id in ids:
             self.finish_event(event_id, result="Error", details=details)
         return len(ids)
+
+    # Crash dumps
+
+    def finish_nmi_and_open_dump(
+        self, event_id: int, *, dump_id: str, target: str, evidence: dict[str, Any], owner: str
+    ) -> CrashDump | None:
+        """Finish the NMI's event Success and open the dump it caused, in one transaction.
+
+        None when the event was already finished (a restart recorded it) or
+        its server is gone: then no dump is followed.
+        """
+        now = utcnow()
+        with self.transaction() as session:
+            event_row = session.get(_EventRow, event_id)
+            if event_row is None or event_row.finish_time is not None:
+                return None
+            action = event_row.action
+            if session.get(_ServerRow, action.instance_uuid) is None:
+                return None
+            event_row.finish_time, event_row.result = now, "Success"
+            action.updated_at = now
+            row = _CrashDumpRow(
+                id=dump_id,
+                server_id=action.instance_uuid,
+                action_id=action.id,
+                request_id=action.request_id,
+                state="waiting",
+                target=target,
+                created_at=now,
+                updated_at=now,
+                nmi_sent_at=event_row.sending_since or now,
+                evidence=evidence,
+                owner=owner,
+            )
+            session.add(row)
+            session.flush()
+            return _crash_dump(row)
+
+    def start_event(self, action_id: int, event_name: str, *, host: str, owner: str) -> int:
+        """A new running event of an action; returns its id."""
+        with self.transaction() as session:
+            row = _EventRow(
+                action_id=action_id, event=event_name, start_time=utcnow(), host=host, owner=owner
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def set_dump_state(self, dump_id: str, state: str, *, error: str | None = None) -> None:
+        with self.transaction() as session:
+            row = session.get(_CrashDumpRow, dump_id)
+            if row is not None:
+                row.state, row.error, row.updated_at = state, error, utcnow()
+
+    def record_vmcore(
+        self,
+        dump_id: str,
+        *,
+        state: str,
+        vmcore: dict[str, Any],
+        panic: dict[str, Any] | None,
+        stored_bytes: int,
+        error: str | None = None,
+    ) -> None:
+        """What the collected dump says of itself, and the state it earns."""
+        with self.transaction() as session:
+            row = session.get(_CrashDumpRow, dump_id)
+            if row is not None:
+                row.state, row.error, row.updated_at = state, error, utcnow()
+                row.vmcore, row.panic, row.stored_bytes = vmcore, panic, stored_bytes
+
+    def record_panic(self, dump_id: str, panic: dict[str, Any]) -> None:
+        with self.transaction() as session:
+            row = session.get(_CrashDumpRow, dump_id)
+            if row is not None:
+                row.panic, row.updated_at = panic, utcnow()
+
+    def mark_dumps_removed(self, dump_ids: list[str]) -> None:
+        """Their files are gone (retention); the records stay, and say so."""
+        now = utcnow()
+        with self.transaction() as session:
+            session.execute(
+                update(_CrashDumpRow)
+                .where(_CrashDumpRow.id.in_(dump_ids))
+                .values(removed_at=now, stored_bytes=0)
+            )
+
+    def get_crash_dump(self, server_id: str, dump_id: str) -> CrashDump | None:
+        with self.session() as session:
+            row = session.get(_CrashDumpRow, dump_id)
+            return None if row is None or row.server_id != server_id else _crash_dump(row)
+
+    def list_crash_dumps(self, server_id: str | None = None) -> list[CrashDump]:
+        """Newest first; all servers' when ``server_id`` is None."""
+        query = select(_CrashDumpRow).order_by(
+            _CrashDumpRow.created_at.desc(), _CrashDumpRow.action_id.desc()
+        )
+        if server_id is not None:
+            query = query.where(_CrashDumpRow.server_id == server_id)
+        with self.session() as session:
+            return [_crash_dump(row) for row in session.scalars(query)]
+
+    def claim_orphaned_dumps(self, live_owners: set[str], owner: str) -> list[CrashDump]:
+        """Take over the unfinished dumps whose follower is gone, with their running events."""
+        with self.transaction() as session:
+            rows = list(
+                session.scalars(
+                    select(_CrashDumpRow).where(
+                        _CrashDumpRow.state.in_(UNFINISHED_DUMP_STATES),
+                        or_(
+                            _CrashDumpRow.owner.is_(None),
+                            _CrashDumpRow.owner.not_in(live_owners),
+                        ),
+                    )
+                )
+            )
+            for row in rows:
+                row.owner = owner
+                session.execute(
+                    update(_EventRow)
+                    .where(_EventRow.action_id == row.action_id, _EventRow.finish_time.is_(None))
+                    .values(owner=owner)
+                )
+            return [_crash_dump(row) for row in rows]
 
 
 def _instant_action(session: Session, row: _ServerRow, action: str, start: ActionStart) -> None:
@@ -595,6 +787,9 @@ def _server(row: _ServerRow) -> Server:
         locked_by=row.locked_by,
         vm_state_override=row.vm_state_override,
         last_crash_dump_at=row.last_crash_dump_at,
+        dump_target=row.dump_target,
+        dump_timeouts=row.dump_timeouts,
+        expected_kernel_release=row.expected_kernel_release,
     )
 
 
@@ -613,6 +808,9 @@ def _server_row(server: Server) -> _ServerRow:
         locked_by=server.locked_by,
         vm_state_override=server.vm_state_override,
         last_crash_dump_at=server.last_crash_dump_at,
+        dump_target=server.dump_target,
+        dump_timeouts=server.dump_timeouts,
+        expected_kernel_release=server.expected_kernel_release,
     )
 
 
@@ -644,6 +842,27 @@ def _event(row: _EventRow) -> ActionEvent:
         host=row.host,
         owner=row.owner,
         sending_since=row.sending_since,
+    )
+
+
+def _crash_dump(row: _CrashDumpRow) -> CrashDump:
+    return CrashDump(
+        id=row.id,
+        server_id=row.server_id,
+        action_id=row.action_id,
+        request_id=row.request_id,
+        state=row.state,
+        target=row.target,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        nmi_sent_at=row.nmi_sent_at,
+        evidence=dict(row.evidence),
+        error=row.error,
+        vmcore=row.vmcore,
+        panic=row.panic,
+        stored_bytes=row.stored_bytes,
+        removed_at=row.removed_at,
+        owner=row.owner,
     )
 
 

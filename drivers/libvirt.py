@@ -219,6 +219,19 @@ class LibvirtDriver(Driver):
         state, _reason = self._call(lambda dom: dom.state())
         return _POWER.get(state, PowerState.NOSTATE)
 
+    def domain_xml(self) -> str:
+        """The domain's live XML: where its console and disks are (app/dump_targets.py)."""
+        try:
+            return str(self._call(lambda dom: dom.XMLDesc(0)))
+        except libvirt.libvirtError as exc:
+            raise BackendRejected(f"libvirt: {exc.get_error_message()}") from None
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self._call(lambda dom: dom.isActive()))
+        except libvirt.libvirtError as exc:
+            raise BackendRejected(f"libvirt: {exc.get_error_message()}") from None
+
     def trigger_crash_dump(self) -> None:
         try:
             self._call(lambda dom: dom.injectNMI(0), retry=False)

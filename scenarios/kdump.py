@@ -34,6 +34,7 @@ import libvirt
 
 from app.client import ClientError
 from app.process import EmulatorStartError
+from app.vmcore import Vmcore, VmcoreError, extract_vmcore
 from emulators.guest import Guest, GuestError
 from emulators.guest_image import (
     CRASH_KERNEL_MARKER,
@@ -44,7 +45,6 @@ from emulators.guest_image import (
     ImageVariant,
     build_image,
 )
-from emulators.vmcore import Vmcore, VmcoreError, extract_vmcore
 from scenarios.api import LocalService, ScenarioAPI
 from scenarios.progress import Progress
 from scenarios.via import Via, attach

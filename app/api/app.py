@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from app.api import extension, identity, instance_actions, servers, versions
+from app.api import crash_dumps, extension, identity, instance_actions, servers, versions
 from app.api.admission import TenantAdmission
 from app.api.faults import install_fault_handlers
 from app.api.middleware import NovaHeadersMiddleware
@@ -20,6 +20,7 @@ from app.backends import Backends
 from app.config import Config, ConfigError
 from app.crypto import SecretBox, load_or_create_key
 from app.dispatch import CrashDumpDispatcher
+from app.follower import CrashDumpFollower
 from app.identity import TokenStore
 from app.leases import ProcessLease
 from app.policy import PolicyEnforcer
@@ -42,7 +43,18 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     backends = Backends(box, config.backends)
     lease = ProcessLease(store, config.lease_seconds)
     compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box, lease.id)
-    dispatcher = CrashDumpDispatcher(store, backends, timeout=config.driver_timeout_seconds)
+    follower = CrashDumpFollower(
+        store,
+        backends,
+        config.crash_dumps,
+        config.resolve(config.crash_dumps.directory) or state_path.parent / "crash-dumps",
+        owner=lease.id,
+        host=config.host_name,
+        mark_timeout=config.backends.state_timeout_seconds,
+    )
+    dispatcher = CrashDumpDispatcher(
+        store, backends, follower, timeout=config.driver_timeout_seconds
+    )
     sync = PowerStateSync(store, backends, config)
     _load_inventory(config, store, box)
 
@@ -52,15 +64,20 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
         recovered = lease.fail_orphaned_events()
         if recovered:
             LOG.warning("%d crash dump event(s) were left running; marked Error", recovered)
+        await follower.resume_orphans(lease.live_owners())
         # One bounded pass before serving, so the first reads show real states.
         await sync.run_once()
         background = [
             asyncio.create_task(sync.run_forever()),
             asyncio.create_task(lease.keep()),
+            asyncio.create_task(
+                follower.keep_resuming(lease.live_owners, config.lease_seconds / 3)
+            ),
         ]
         yield
         for task in background:
             task.cancel()
+        await follower.close()
         lease.end()
         backends.close()
 
@@ -75,11 +92,12 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     )
     app.state.service = compute
     app.state.dispatcher = dispatcher
+    app.state.follower = follower
     app.state.tokens = TokenStore(config.identity, store.engine)
     app.state.public_endpoint = config.public_endpoint
     install_fault_handlers(app)
     install_openapi(app, config)
-    for module in (versions, identity, servers, instance_actions, extension):
+    for module in (versions, identity, servers, instance_actions, extension, crash_dumps):
         app.include_router(module.router)
     app.add_middleware(
         TenantAdmission,
@@ -105,6 +123,9 @@ def _load_inventory(config: Config, store: Store, box: SecretBox) -> None:
             driver=server.driver,
             driver_info=server.driver_info,
             source="config",
+            dump_target=server.dump_target,
+            dump_timeouts=server.dump_timeouts,
+            expected_kernel_release=server.expected_kernel_release,
         )
         # The config's state applies to a new server only (see upsert_config_server).
         store.upsert_config_server(

@@ -46,6 +46,9 @@ def registration(server: Server) -> dict[str, Any]:
         "driver_info": masked_settings(server.driver, server.driver_info),
         "source": server.source,
         "locked_by": server.locked_by,
+        "dump_target": server.dump_target or {"type": "none"},
+        "dump_timeouts": server.dump_timeouts,
+        "expected_kernel_release": server.expected_kernel_release,
     }
 
 
@@ -127,7 +130,7 @@ def show_action_details(
         shown["details"] = (
             event.details
             if whole or event.details is None
-            else redact(event.details, server.driver_info)
+            else redact(event.details, {**server.driver_info, **(server.dump_target or {})})
         )
         if not show_traceback:
             del shown["traceback"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from app.vmcore import extract_vmcore
 from emulators.guest import Guest, GuestStopped
 from emulators.guest_image import (
     CRASH_KERNEL_MARKER,
@@ -16,7 +17,6 @@ from emulators.guest_image import (
     GuestImage,
     ImageVariant,
 )
-from emulators.vmcore import extract_vmcore
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 

@@ -3,8 +3,10 @@
 The guest is made by ``external_guest.sh`` with apt-get, dpkg, cpio and gzip,
 not by ``emulators.guest_image``; its domain is defined here with virsh from
 plain XML, under TCG. crashlab only sees it as a libvirt server registered
-through the admin extension. The owner triggers the crash dump over HTTP, and
-the dump disk must hold a kdump-compressed vmcore of the guest's own kernel.
+through the admin extension, with its raw dump disk as its dump target. The
+owner triggers the crash dump over HTTP, crashlab follows it to ``verified``,
+and the vmcore the owner downloads is a kdump-compressed dump of the guest's
+own kernel, with the resource's sha256.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from app.client import CRASH_DUMP_EVENT, wait_for_action
+from app.vmcore import read_vmcore, sha256_of
 from drivers.uris import DEFAULT_LIBVIRT_URI
-from emulators.vmcore import extract_vmcore
 from tests.live import LiveServer, fake_cloud_config
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
@@ -132,6 +135,8 @@ def test_external_guest_dump_through_the_api(
                     "user_id": "alice",
                     "driver": "libvirt",
                     "driver_info": {"uri": URI, "domain": guest.name},
+                    "dump_target": {"type": "disk", "device": "vda"},
+                    "dump_timeouts": {"panic": 120, "collect": 240, "verify": 60},
                 }
             },
         )
@@ -145,18 +150,40 @@ def test_external_guest_dump_through_the_api(
 
         assert wait_for_event(admin, server_id, request_id) == "Success"
 
-    outcome = guest.wait_for(DUMP_OUTCOME, 240)
-    assert outcome.group(0) == DUMP_SAVED, guest.console[-3000:]
-    deadline = time.monotonic() + 60
-    while guest.state() != "shut off":
-        assert time.monotonic() < deadline, "the crash kernel did not power off"
-        time.sleep(0.5)
+        dump = wait_for_dump(alice, server_id, timeout=420)
+        assert dump["state"] == "verified", dump
+        assert dump["request_id"] == request_id
+        assert dump["target"] == "disk"
+        vmcore = dump["vmcore"]
+        assert vmcore["format"] == "kdump-compressed"
+        assert vmcore["kernel_release"] == guest.kernel_release
+        assert vmcore["bytes"] > 1_000_000
+        assert "NMI" in dump["panic"]["message"]
 
-    vmcore = extract_vmcore(guest.dir / "dump.img", guest.dir / "vmcore")
-    assert vmcore.format == "kdump-compressed"
-    assert vmcore.kernel_release == guest.kernel_release
-    assert vmcore.bytes > 1_000_000
-    assert vmcore.panic_message is not None and "NMI" in vmcore.panic_message
+        downloaded = guest.dir / "downloaded-vmcore"
+        with alice.stream(
+            "GET", f"/crashlab/servers/{server_id}/crash-dumps/{dump['id']}/vmcore"
+        ) as answer:
+            assert answer.status_code == 200
+            with downloaded.open("wb") as out:
+                for chunk in answer.iter_bytes():
+                    out.write(chunk)
+        assert sha256_of(downloaded) == vmcore["sha256"]
+        assert read_vmcore(downloaded).kernel_release == guest.kernel_release
+
+    outcome = guest.wait_for(DUMP_OUTCOME, 10)
+    assert outcome.group(0) == DUMP_SAVED, guest.console[-3000:]
+
+
+def wait_for_dump(client: httpx.Client, server_id: str, timeout: float) -> dict[str, Any]:
+    """The server's newest crash dump, once it has reached a terminal state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dumps = client.get(f"/crashlab/servers/{server_id}/crash-dumps").json()["crash_dumps"]
+        if dumps and dumps[0]["state"] in ("verified", "failed"):
+            return dict(dumps[0])
+        assert time.monotonic() < deadline, f"no terminal crash dump within {timeout} s: {dumps}"
+        time.sleep(1)
 
 
 def wait_for_event(admin: httpx.Client, server_id: str, request_id: str) -> str | None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from app.vmcore import Vmcore
 from emulators.guest_image import ImageVariant
-from emulators.vmcore import Vmcore
 from scenarios.kdump import ScenarioResult, Verdict, decide
 from scenarios.report import render_report, render_summary, to_json
 from scenarios.via import Via

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emulators.vmcore import NoDumpOnDisk, NotAKdumpFile, extract_vmcore, read_vmcore
+from app.vmcore import NoDumpOnDisk, NotAKdumpFile, extract_vmcore, read_vmcore
 
 pytestmark = pytest.mark.fast
 

@@ -1,0 +1,470 @@
+"""Following a crash dump after its NMI: panic, collection, verification.
+
+After ``compute_trigger_crash_dump`` succeeds, the same instance action gets
+up to three more events, in this order:
+
+- ``crashlab_observe_panic``: the console shows the panic (or the crash
+  kernel booting) after the NMI. Only where the server has a console.
+- ``crashlab_collect_dump``: a complete vmcore arrived at the dump target.
+- ``crashlab_verify_dump``: the vmcore is a valid kdump of the expected
+  kernel, and it came from this NMI (its CRASHTIME is after the NMI).
+
+Each phase has its own timeout, per server (app/dump_targets.py). A missing
+piece of evidence does not stop the next phase: many kernels print nothing
+when an NMI panics them (printk from NMI context is deferred, and kexec runs
+first), and a vmcore whose own log holds the panic proves it anyway. The
+dump's state follows the strongest evidence::
+
+    waiting -> panicked -> collecting -> collected -> verified
+       \\___________\\____________\\____________\\______-> failed
+
+A dump is followed by one process at a time, its ``owner``. After a restart,
+or when a process dies, a live process claims the dumps it left and resumes
+each from its current phase, with the same deadlines: the phases read only
+the marks recorded before the NMI, never anything the dead process held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.backends import Backends
+from app.config import CrashDumpsConfig
+from app.dump_targets import (
+    DiskTarget,
+    DomainFiles,
+    Evidence,
+    domain_files,
+    fingerprint,
+    mark_evidence,
+    parse_target,
+    parse_timeouts,
+    read_console,
+)
+from app.events import COLLECT_DUMP_EVENT, OBSERVE_PANIC_EVENT, VERIFY_DUMP_EVENT
+from app.store import ActionEvent, CrashDump, Server, Store, utcnow
+from app.vmcore import (
+    VmcoreError,
+    extract_vmcore,
+    read_dmesg,
+    scan_flattened,
+    sha256_of,
+)
+
+LOG = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+LOG_TAIL_LINES = 20
+
+PANIC_LINE = re.compile(r"Kernel panic - not syncing: ?(.*)")
+# A kernel that boots after the NMI is the crash kernel (kexec runs before printk flushes).
+NEW_KERNEL = re.compile(r"Linux version (\S+)")
+NMI_IGNORED = re.compile(r"Dazed and confused.*|NMI received for unknown reason.*")
+NMI_PANIC = re.compile(r"\bNMI\b")
+
+NO_TARGET = "no dump target configured"
+NOTHING_AT_ALL = "no panic seen and no dump arrived"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a phase ended: its event's result and details."""
+
+    ok: bool
+    details: str
+
+    @property
+    def result(self) -> str:
+        return "Success" if self.ok else "Error"
+
+
+class CrashDumpFollower:
+    """Marks the evidence before each NMI, then follows the dump it causes."""
+
+    def __init__(
+        self,
+        store: Store,
+        backends: Backends,
+        config: CrashDumpsConfig,
+        directory: Path,
+        *,
+        owner: str,
+        host: str,
+        mark_timeout: float,
+    ) -> None:
+        self.store = store
+        self.backends = backends
+        self.config = config
+        self.directory = directory
+        self.owner = owner
+        self.host = host
+        self.mark_timeout = mark_timeout
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Before the NMI
+
+    @staticmethod
+    def target_type(server: Server) -> str:
+        return parse_target(server.dump_target).type
+
+    async def mark(self, server: Server) -> Evidence:
+        """Where to look, and what was there, just before the NMI; bounded."""
+        target = parse_target(server.dump_target)
+        device = target.device if isinstance(target, DiskTarget) else None
+        domain = target.domain if isinstance(target, DiskTarget) else None
+        uri = target.uri if isinstance(target, DiskTarget) else None
+        try:
+            driver = self.backends.evidence_driver(server, domain, uri)
+            if driver is None:
+                return Evidence(problem="the server has no console crashlab can read")
+            xml_read = self.backends.bulkhead(driver).submit(driver.domain_xml)  # type: ignore[attr-defined]
+            xml = await asyncio.wait_for(asyncio.wrap_future(xml_read), self.mark_timeout)
+            files: DomainFiles = domain_files(xml)
+            return await asyncio.to_thread(mark_evidence, files, device)
+        except TimeoutError:
+            return Evidence(problem=f"libvirt did not answer within {self.mark_timeout:g} s")
+        except Exception as error:
+            LOG.info("evidence of %s not marked: %s", server.uuid, error)
+            return Evidence(problem=f"the domain could not be read: {error}")
+
+    # After the NMI
+
+    def start(self, dump: CrashDump) -> None:
+        task = asyncio.create_task(self.follow(dump))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume_orphans(self, live_owners: set[str]) -> int:
+        """Claim and resume the dumps whose follower is gone."""
+        claimed = await asyncio.to_thread(self.store.claim_orphaned_dumps, live_owners, self.owner)
+        for dump in claimed:
+            LOG.warning("resuming crash dump %s of %s (%s)", dump.id, dump.server_id, dump.state)
+            self.start(dump)
+        return len(claimed)
+
+    async def keep_resuming(self, live_owners: Callable[[], set[str]], interval: float) -> None:
+        """Claim the dumps of processes that died while following them, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resume_orphans(await asyncio.to_thread(live_owners))
+            except Exception:
+                LOG.exception("resuming orphaned crash dumps failed")
+
+    async def follow(self, dump: CrashDump) -> None:
+        try:
+            await self._follow(dump)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            LOG.exception("following crash dump %s failed", dump.id)
+            await asyncio.to_thread(
+                self.store.set_dump_state, dump.id, "failed", error=f"crashlab failed: {error}"
+            )
+
+    async def _follow(self, dump: CrashDump) -> None:
+        server = await asyncio.to_thread(self.store.get_server, dump.server_id)
+        if server is None:
+            return
+        run = _Run(self, dump, server)
+        await run.events_so_far()
+        panicked = await run.observe_panic()
+        collected = await run.collect_dump(panicked)
+        if collected:
+            await run.verify_dump()
+        await asyncio.to_thread(self.prune)
+
+    def prune(self) -> None:
+        """Keep the newest vmcores within the retention's count and bytes."""
+        kept_count = kept_bytes = 0
+        removed = []
+        for dump in self.store.list_crash_dumps():
+            if dump.removed_at is not None or dump.stored_bytes == 0:
+                continue
+            kept_count += 1
+            kept_bytes += dump.stored_bytes
+            if kept_count > self.config.retention_count or kept_bytes > self.config.retention_bytes:
+                shutil.rmtree(self.dump_dir(dump.id), ignore_errors=True)
+                removed.append(dump.id)
+        if removed:
+            self.store.mark_dumps_removed(removed)
+
+    def dump_dir(self, dump_id: str) -> Path:
+        return self.directory / dump_id
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Run:
+    """One dump's phases, resumable from the events already recorded."""
+
+    def __init__(self, follower: CrashDumpFollower, dump: CrashDump, server: Server) -> None:
+        self.f = follower
+        self.store = follower.store
+        self.dump = dump
+        self.server = server
+        self.evidence = Evidence.from_dict(dump.evidence)
+        self.target = parse_target(server.dump_target)
+        self.timeouts = parse_timeouts(server.dump_timeouts)
+        self.events: dict[str, ActionEvent] = {}
+
+    async def events_so_far(self) -> None:
+        action = await asyncio.to_thread(
+            self.store.get_action, self.dump.server_id, self.dump.request_id
+        )
+        if action is not None:
+            self.events = {event.event: event for event in action.events}
+
+    # Phases
+
+    async def observe_panic(self) -> bool:
+        if self.evidence.console is None:
+            return self.dump.state != "waiting"
+        outcome = await self._phase(
+            OBSERVE_PANIC_EVENT, self.timeouts.panic, self._panic_seen, self._no_panic
+        )
+        if outcome.ok:
+            await self._state("panicked")
+        return outcome.ok
+
+    async def collect_dump(self, panicked: bool) -> bool:
+        if not isinstance(self.target, DiskTarget):
+            await self._phase(COLLECT_DUMP_EVENT, 0, lambda: Outcome(False, NO_TARGET), None)
+            await self._state("failed", NO_TARGET)
+            return False
+        if self.evidence.disk is None:
+            problem = self.evidence.problem or "the dump disk could not be found"
+            await self._phase(COLLECT_DUMP_EVENT, 0, lambda: Outcome(False, problem), None)
+            await self._state("failed", problem)
+            return False
+        watch = _DiskWatch(self, Path(self.evidence.disk))
+        outcome = await self._phase(
+            COLLECT_DUMP_EVENT, self.timeouts.collect, watch.poll, lambda: watch.timed_out(panicked)
+        )
+        if outcome.ok:
+            await self._state("collected")
+        else:
+            await self._state("failed", outcome.details)
+        return outcome.ok
+
+    async def verify_dump(self) -> None:
+        verify = _Verification(self)
+        outcome = await self._phase(VERIFY_DUMP_EVENT, self.timeouts.verify, verify.run, None)
+        if not outcome.ok:
+            await self._state("failed", outcome.details)
+
+    # Console
+
+    def _panic_seen(self) -> Outcome | None:
+        console = read_console(self.evidence)
+        if found := PANIC_LINE.search(console):
+            self.store.record_panic(
+                self.dump.id, {"message": found.group(0), "log_tail": _tail(console)}
+            )
+            return Outcome(True, f"the console shows the panic: {found.group(0).strip()}")
+        if found := NEW_KERNEL.search(console):
+            return Outcome(True, f"the crash kernel booted after the NMI: {found.group(0)}")
+        if self.evidence.disk and _written_since(self.evidence):
+            return Outcome(True, "the console shows no panic, but the dump disk is being written")
+        return None
+
+    def _no_panic(self) -> Outcome:
+        console = read_console(self.evidence)
+        if found := NMI_IGNORED.search(console):
+            return Outcome(
+                False,
+                f"no panic within {self.timeouts.panic:g} s: the guest logged the NMI "
+                f"and went on ({found.group(0).strip()})",
+            )
+        return Outcome(False, f"no panic seen on the console within {self.timeouts.panic:g} s")
+
+    # Events and state
+
+    async def _phase(
+        self,
+        name: str,
+        timeout: float,
+        poll: Callable[[], Outcome | None],
+        on_timeout: Callable[[], Outcome] | None,
+    ) -> Outcome:
+        """Run one phase as one event: poll until an outcome or the deadline.
+
+        A phase whose event already ended (before a restart) is not run
+        again; its recorded result stands.
+        """
+        event = self.events.get(name)
+        if event is not None and event.finish_time is not None:
+            return Outcome(event.result == "Success", event.details or "")
+        if event is None:
+            event_id = await asyncio.to_thread(
+                self.store.start_event,
+                self.dump.action_id,
+                name,
+                host=self.f.host,
+                owner=self.f.owner,
+            )
+            started = utcnow()
+        else:
+            event_id, started = event.id, event.start_time
+        deadline = started + dt.timedelta(seconds=timeout)
+        while True:
+            try:
+                outcome = await asyncio.wait_for(
+                    asyncio.to_thread(poll), max(1.0, (deadline - utcnow()).total_seconds())
+                )
+            except TimeoutError:
+                outcome = Outcome(False, f"did not finish within {timeout:g} s")
+            if outcome is None and utcnow() >= deadline and on_timeout is not None:
+                outcome = on_timeout()
+            if outcome is not None:
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        await asyncio.to_thread(
+            self.store.finish_event, event_id, result=outcome.result, details=outcome.details
+        )
+        LOG.info("crash dump %s: %s %s: %s", self.dump.id, name, outcome.result, outcome.details)
+        return outcome
+
+    async def _state(self, state: str, error: str | None = None) -> None:
+        await asyncio.to_thread(self.store.set_dump_state, self.dump.id, state, error=error)
+
+
+class _DiskWatch:
+    """The dump disk, polled: has a new, complete flattened stream arrived?"""
+
+    def __init__(self, run: _Run, disk: Path) -> None:
+        self.run = run
+        self.disk = disk
+        self.last: tuple[int, str | None] | None = None
+        self.last_change = utcnow()
+        self.collecting = False
+
+    def poll(self) -> Outcome | None:
+        if not _written_since(self.run.evidence):
+            return None
+        stream = scan_flattened(self.disk)
+        if not stream.found:
+            return None
+        if not self.collecting:
+            self.collecting = True
+            self.run.store.set_dump_state(self.run.dump.id, "collecting")
+        now = (stream.bytes, fingerprint(self.disk))
+        steady = now == self.last
+        if not steady:
+            self.last, self.last_change = now, utcnow()
+        if stream.complete and steady:
+            return Outcome(True, f"a complete dump of {stream.bytes} bytes arrived on the disk")
+        stalled = (utcnow() - self.last_change).total_seconds()
+        if not stream.complete and stalled >= self.run.f.config.stall_seconds:
+            return Outcome(
+                False,
+                f"incomplete dump: the stream stopped at {stream.bytes} bytes, "
+                f"without its end marker, {stalled:.0f} s ago",
+            )
+        return None
+
+    def timed_out(self, panicked: bool) -> Outcome:
+        if self.collecting and self.last is not None:
+            return Outcome(False, f"incomplete dump: {self.last[0]} bytes, no end marker in time")
+        if not panicked:
+            return Outcome(False, NOTHING_AT_ALL)
+        return Outcome(False, f"no dump arrived within {self.run.timeouts.collect:g} s")
+
+
+class _Verification:
+    """Restore the stream, read what the vmcore says of itself, and judge it."""
+
+    def __init__(self, dump_run: _Run) -> None:
+        self.dump_run = dump_run
+
+    def run(self) -> Outcome:
+        run = self.dump_run
+        out_dir = run.f.dump_dir(run.dump.id)
+        assert run.evidence.disk is not None
+        try:
+            vmcore = extract_vmcore(Path(run.evidence.disk), out_dir / "vmcore")
+        except VmcoreError as error:
+            return Outcome(False, f"the dump could not be restored: {error.message}")
+        dmesg = read_dmesg(vmcore.path)
+        (out_dir / "dmesg").write_text(dmesg)
+        facts = {
+            "format": vmcore.format,
+            "bytes": vmcore.bytes,
+            "sha256": sha256_of(vmcore.path),
+            "kernel_release": vmcore.vmcoreinfo.get("OSRELEASE", vmcore.kernel_release),
+            "build_id": vmcore.build_id,
+            "crash_time": None if vmcore.crash_time is None else _iso(vmcore.crash_time),
+        }
+        panic = (
+            {
+                "message": f"Kernel panic - not syncing: {vmcore.panic_message}",
+                "log_tail": _tail(dmesg),
+            }
+            if vmcore.panic_message
+            else None
+        )
+        reason = self.judge(facts, vmcore.crash_time, vmcore.panic_message)
+        run.store.record_vmcore(
+            run.dump.id,
+            state="failed" if reason else "verified",
+            vmcore=facts,
+            panic=panic,
+            stored_bytes=vmcore.bytes + len(dmesg),
+            error=reason,
+        )
+        if reason:
+            return Outcome(False, reason)
+        return Outcome(
+            True,
+            f"a {facts['format']} vmcore of {facts['kernel_release']}, crashed at "
+            f"{facts['crash_time']}, panic: {vmcore.panic_message}",
+        )
+
+    def judge(
+        self, facts: dict[str, Any], crash_time: dt.datetime | None, panic: str | None
+    ) -> str | None:
+        run = self.dump_run
+        expected = run.server.expected_kernel_release or run.evidence.boot_kernel_release
+        if expected is not None and facts["kernel_release"] != expected:
+            return f"the vmcore's kernel is {facts['kernel_release']}, expected {expected}"
+        skew = dt.timedelta(seconds=run.f.config.clock_skew_seconds)
+        sent = run.dump.nmi_sent_at.replace(tzinfo=dt.UTC)
+        if crash_time is None:
+            return "the vmcore has no CRASHTIME, so it cannot be tied to this NMI"
+        if crash_time < sent - skew:
+            return (
+                f"the vmcore crashed at {_iso(crash_time)}, before this NMI was sent at "
+                f"{_iso(sent)}: it is from an earlier crash"
+            )
+        if crash_time > dt.datetime.now(dt.UTC) + skew:
+            return f"the vmcore's CRASHTIME {_iso(crash_time)} is in the future"
+        if panic is None:
+            return "the vmcore's kernel log holds no panic"
+        if not NMI_PANIC.search(panic):
+            return f"the vmcore's panic was not the NMI's: {panic}"
+        return None
+
+
+def _written_since(evidence: Evidence) -> bool:
+    assert evidence.disk is not None
+    now = fingerprint(Path(evidence.disk))
+    return now is not None and now != evidence.disk_fingerprint
+
+
+def _tail(text: str) -> list[str]:
+    return [line.rstrip("\r") for line in text.splitlines()[-LOG_TAIL_LINES:]]
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
