@@ -16,8 +16,6 @@ from typing import Any
 
 import httpx
 
-from app.events import CRASH_DUMP_EVENT  # noqa: F401 - callers read it here
-
 MICROVERSION = "2.17"
 # A crash dump in one of these states is followed no further (app/follower.py).
 TERMINAL_DUMP_STATES = frozenset({"verified", "failed"})

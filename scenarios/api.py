@@ -16,7 +16,8 @@ from typing import Any, Self
 
 from cryptography.fernet import Fernet
 
-from app.client import CRASH_DUMP_EVENT, ClientError, CrashlabClient, Credentials, wait_for_action
+from app.client import ClientError, CrashlabClient, Credentials, wait_for_action
+from app.events import CRASH_DUMP_EVENT
 from app.identity import hash_password
 from scenarios.serve import ServeProcess, write_config
 

@@ -41,8 +41,9 @@ from typing import Any
 
 import httpx
 
-from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
+from app.client import ClientError, Credentials, request_token, wait_for_action
 from app.config import ID_NAMESPACE
+from app.events import CRASH_DUMP_EVENT
 from app.identity import hash_password
 from app.process import EmulatorStartError
 from scenarios.serve import ServeProcess

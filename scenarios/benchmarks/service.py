@@ -21,7 +21,8 @@ from typing import Any, Self
 
 import httpx
 
-from app.client import CRASH_DUMP_EVENT, ClientError, Credentials, request_token, wait_for_action
+from app.client import ClientError, Credentials, request_token, wait_for_action
+from app.events import CRASH_DUMP_EVENT
 from app.identity import hash_password
 from app.process import EmulatorStartError
 from scenarios.serve import ServeProcess, write_config

@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.client import CRASH_DUMP_EVENT, wait_for_action
+from app.client import wait_for_action
+from app.events import CRASH_DUMP_EVENT
 from app.vmcore import read_vmcore, sha256_of
 from drivers.uris import DEFAULT_LIBVIRT_URI
 from tests.live import LiveServer, fake_cloud_config
