@@ -9,6 +9,11 @@ exception) and ``traceback`` (frames only).
 Before the driver is called the event is marked as sending, in the state
 file, and only if its server still exists: a server deleted after the 202
 gets no NMI, and one is not deleted while its NMI is on its way.
+
+For a server with a dump target, the follower (app/follower.py) first marks
+where the evidence will show (the console's length, the dump disk's
+fingerprint), and the NMI's Success opens its crash dump in the same
+transaction that ends the event: one NMI, one dump, even across a crash.
 """
 
 from __future__ import annotations

@@ -43,7 +43,12 @@ class _Strict(BaseModel):
 
 class DiskTarget(_Strict):
     type: Literal["disk"]
-    uri: str | None = Field(None, max_length=1024, description="default: the server's own")
+    uri: str | None = Field(
+        None,
+        max_length=1024,
+        description="default: the server's own",
+        json_schema_extra={"pattern": "^qemu:///(system|session)$"},
+    )
     domain: str | None = Field(None, min_length=1, max_length=255)
     device: str = Field(pattern=r"^[a-z]{2,4}[a-z0-9]{0,4}$", description="e.g. vdb")
 
@@ -53,7 +58,7 @@ class DiskTarget(_Strict):
         if value is None:
             return None
         uri = parse_libvirt_uri(value, allow_test=False)
-        if uri.transport is not None:
+        if uri.transport != "local":
             raise ValueError("a disk target is read on this host: use qemu:///system or session")
         return str(uri)
 
@@ -79,7 +84,7 @@ class DumpTimeouts(_Strict):
 
 
 def parse_target(raw: dict[str, Any] | None) -> DiskTarget | ConsoleOnlyTarget | NoTarget:
-    return DUMP_TARGET.validate_python(raw or {"type": "none"})
+    return DUMP_TARGET.validate_python({"type": "none"} if raw is None else raw)
 
 
 def parse_timeouts(raw: dict[str, Any] | None) -> DumpTimeouts:

@@ -183,10 +183,19 @@ class CrashDumpFollower:
         await asyncio.to_thread(self.prune)
 
     def prune(self) -> None:
-        """Keep the newest vmcores within the retention's count and bytes."""
+        """Keep the newest vmcores within the retention's count and bytes.
+
+        The files of a dump whose record is gone (its server was removed) go too.
+        """
         kept_count = kept_bytes = 0
         removed = []
-        for dump in self.store.list_crash_dumps():
+        dumps = self.store.list_crash_dumps()
+        known = {dump.id for dump in dumps}
+        if self.directory.is_dir():
+            for leftover in self.directory.iterdir():
+                if leftover.name not in known:
+                    shutil.rmtree(leftover, ignore_errors=True)
+        for dump in dumps:
             if dump.removed_at is not None or dump.stored_bytes == 0:
                 continue
             kept_count += 1
@@ -393,10 +402,12 @@ class _Verification:
         out_dir = run.f.dump_dir(run.dump.id)
         assert run.evidence.disk is not None
         try:
-            vmcore = extract_vmcore(Path(run.evidence.disk), out_dir / "vmcore")
+            vmcore = extract_vmcore(
+                Path(run.evidence.disk), out_dir / "vmcore", timeout=run.timeouts.verify
+            )
         except VmcoreError as error:
             return Outcome(False, f"the dump could not be restored: {error.message}")
-        dmesg = read_dmesg(vmcore.path)
+        dmesg = read_dmesg(vmcore.path, timeout=run.timeouts.verify)
         (out_dir / "dmesg").write_text(dmesg)
         facts = {
             "format": vmcore.format,

@@ -148,20 +148,30 @@ def scan_flattened(disk: Path) -> FlattenedStream:
     return FlattenedStream(found=True, complete=False, bytes=position)
 
 
-def extract_vmcore(disk: Path, out: Path) -> Vmcore:
-    """Restore the flattened dump on ``disk`` into ``out`` and read it."""
+def extract_vmcore(disk: Path, out: Path, timeout: float | None = None) -> Vmcore:
+    """Restore the flattened dump on ``disk`` into ``out`` and read it.
+
+    ``timeout`` bounds each makedumpfile run (RestoreFailed past it).
+    """
     if not has_flattened_dump(disk):
         raise NoDumpOnDisk(f"{disk} holds no makedumpfile flattened dump")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    with disk.open("rb") as stream:
-        result = subprocess.run(
-            ["makedumpfile", "-R", str(out)], stdin=stream, capture_output=True, text=True
-        )
+    try:
+        with disk.open("rb") as stream:
+            result = subprocess.run(
+                ["makedumpfile", "-R", str(out)],
+                stdin=stream,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+    except subprocess.TimeoutExpired:
+        raise RestoreFailed(f"makedumpfile -R did not finish within {timeout:g} s") from None
     if result.returncode != 0 or not out.exists():
         raise RestoreFailed(f"makedumpfile -R exited {result.returncode}: {result.stderr.strip()}")
     vmcore = read_vmcore(out)
-    return dataclasses.replace(vmcore, panic_message=panic_message(read_dmesg(out)))
+    return dataclasses.replace(vmcore, panic_message=panic_message(read_dmesg(out, timeout)))
 
 
 def read_vmcore(path: Path) -> Vmcore:
@@ -273,13 +283,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_dmesg(path: Path) -> str:
+def read_dmesg(path: Path, timeout: float | None = None) -> str:
     """The dumped kernel's log buffer, as ``makedumpfile --dump-dmesg`` extracts it."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "dmesg"
-        result = subprocess.run(
-            ["makedumpfile", "--dump-dmesg", str(path), str(out)], capture_output=True, text=True
-        )
+        try:
+            result = subprocess.run(
+                ["makedumpfile", "--dump-dmesg", str(path), str(out)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return ""
         if result.returncode != 0 or not out.exists():
             return ""
         return out.read_text(errors="replace")

@@ -65,6 +65,7 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
         if recovered:
             LOG.warning("%d crash dump event(s) were left running; marked Error", recovered)
         await follower.resume_orphans(lease.live_owners())
+        await asyncio.to_thread(follower.prune)
         # One bounded pass before serving, so the first reads show real states.
         await sync.run_once()
         background = [

@@ -33,6 +33,7 @@ from app.api import validation
 from app.api.faults import IDENTITY_PREFIX
 from app.api.middleware import is_compute_path
 from app.config import Config
+from app.dump_targets import DUMP_TARGET, DumpTimeouts
 from app.exceptions import fault_name
 from drivers import DRIVER_CLASSES, driver_class
 from drivers.uris import HOST_PATTERN, LIBVIRT_URI_PATTERN
@@ -119,6 +120,28 @@ _REGISTRATION = _object(
         "driver_info": {"type": "object"},
         "source": {"type": "string", "enum": ["config", "api"]},
         "locked_by": {"type": ["string", "null"], "enum": ["admin", "owner", None]},
+        "dump_target": {"type": "object"},
+        "dump_timeouts": {"type": ["object", "null"]},
+        "expected_kernel_release": _NULLABLE_STRING,
+    }
+)
+_NULLABLE_OBJECT: Schema = {"type": ["object", "null"]}
+_CRASH_DUMP = _object(
+    {
+        "id": _STRING,
+        "server_id": _STRING,
+        "request_id": _STRING,
+        "state": {
+            "type": "string",
+            "enum": ["waiting", "panicked", "collecting", "collected", "verified", "failed"],
+        },
+        "target": _STRING,
+        "created_at": _STRING,
+        "updated_at": _STRING,
+        "error": _NULLABLE_STRING,
+        "vmcore": _NULLABLE_OBJECT,
+        "panic": _NULLABLE_OBJECT,
+        "removed": {"type": "boolean"},
     }
 )
 _DRIVER = _object(
@@ -244,6 +267,7 @@ class Operation:
     query: dict[str, Schema] = field(default_factory=dict)
     headers: dict[str, Schema] = field(default_factory=dict)
     response_headers: dict[str, Schema] = field(default_factory=dict)
+    media_type: str = "application/json"  # of the success body
 
 
 # What app/api/servers.py _all_tenants takes, as Nova's is_all_tenants: empty, or a
@@ -326,6 +350,21 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("get", "/v2.1/crashlab/servers/{server_id}/os-instance-actions/{request_id}"): Operation(
         200, _object({"instanceAction": _INSTANCE_ACTION}), errors=(403, 404)
+    ),
+    ("get", "/v2.1/crashlab/servers/{server_id}/crash-dumps"): Operation(
+        200, _object({"crash_dumps": {"type": "array", "items": _CRASH_DUMP}}), errors=(403, 404)
+    ),
+    ("get", "/v2.1/crashlab/servers/{server_id}/crash-dumps/{dump_id}"): Operation(
+        200, _object({"crash_dump": _CRASH_DUMP}), errors=(403, 404)
+    ),
+    ("get", "/v2.1/crashlab/servers/{server_id}/crash-dumps/{dump_id}/vmcore"): Operation(
+        200,
+        {"type": "string", "format": "binary"},
+        errors=(403, 404, 410),
+        media_type="application/octet-stream",
+    ),
+    ("get", "/v2.1/crashlab/servers/{server_id}/crash-dumps/{dump_id}/dmesg"): Operation(
+        200, {"type": "string"}, errors=(403, 404, 410), media_type="text/plain"
     ),
     ("get", "/v2.1/crashlab/drivers"): Operation(
         200, _object({"drivers": {"type": "array", "items": _DRIVER}})
@@ -446,7 +485,7 @@ def _describe(
 def _success(spec: Operation, headers: dict[str, Schema]) -> dict[str, Any]:
     response: dict[str, Any] = {"description": HTTPStatus(spec.success).phrase}
     if spec.body is not None:
-        response["content"] = {"application/json": {"schema": spec.body}}
+        response["content"] = {spec.media_type: {"schema": spec.body}}
     if headers:
         response["headers"] = headers
     return response
@@ -505,6 +544,12 @@ def _register_body(schemas: dict[str, Any], test_drivers: bool) -> Schema:
         branch: Schema = {
             "properties": {"driver": {"const": name}, "driver_info": settings},
         }
+        if name != "libvirt":
+            # Only a libvirt server's disk target may leave its domain to the server's.
+            branch["properties"]["dump_target"] = {
+                "if": {"properties": {"type": {"const": "disk"}}},
+                "then": {"required": ["domain"], "properties": {"domain": {"type": "string"}}},
+            }
         if settings.get("required"):
             branch["required"] = ["driver_info"]
         branches.append(branch)
@@ -513,4 +558,15 @@ def _register_body(schemas: dict[str, Any], test_drivers: bool) -> Schema:
         "enum": [b["properties"]["driver"]["const"] for b in branches],
     }
     server["oneOf"] = branches
+    for field_name, schema in _dump_settings_schemas().items():
+        schemas.update(schema.pop("$defs", {}))
+        server["properties"][field_name] = schema
     return body
+
+
+def _dump_settings_schemas() -> dict[str, Schema]:
+    template = "#/components/schemas/{model}"
+    return {
+        "dump_target": DUMP_TARGET.json_schema(ref_template=template),
+        "dump_timeouts": DumpTimeouts.model_json_schema(ref_template=template),
+    }

@@ -221,6 +221,19 @@ def test_retention_removes_the_oldest_vmcore_and_keeps_its_record(start_cloud: A
     assert cloud.get("alice", new_path).status_code == 200
 
 
+def test_removing_a_server_removes_its_dumps_and_their_files(cloud: AppCloud) -> None:
+    cloud.trigger("alice", "alice-active")
+    dump = terminal_dump(cloud, "alice-active")
+    put_vmcore(cloud, dump, b"x" * 100)
+    follower = cloud.client.app.state.follower  # type: ignore[attr-defined]
+    server_id = cloud.ids["alice-active"]
+    path = f"/v2.1/crashlab/servers/{server_id}"
+    assert cloud.client.delete(path, headers=cloud.headers("admin")).status_code == 204
+    assert cloud.store.list_crash_dumps(server_id) == []
+    follower.prune()
+    assert not follower.dump_dir(dump["id"]).exists()
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
