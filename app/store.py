@@ -16,12 +16,13 @@ for what it does. Its ORM rows never leave this module.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -583,15 +584,7 @@ class Store:
     def renew_lease(self, lease: ServiceLease) -> None:
         """Write the lease, as new or over its earlier renewal."""
         with self.transaction() as session:
-            session.merge(
-                _LeaseRow(
-                    id=lease.id,
-                    host=lease.host,
-                    pid=lease.pid,
-                    pid_started=lease.pid_started,
-                    renewed_at=lease.renewed_at,
-                )
-            )
+            session.merge(_LeaseRow(**dataclasses.asdict(lease)))
 
     def end_lease(self, lease_id: str) -> None:
         with self.transaction() as session:
@@ -771,109 +764,44 @@ def _action_row(
 
 # Rows to domain objects and back, field for field.
 
+D = TypeVar("D")
+
+
+def _domain(cls: type[D], row: Base, **differently: Any) -> D:
+    """The domain object of ``row``: each dataclass field read from the column of
+    its name, except those given ``differently``."""
+    values = {
+        field.name: differently[field.name]
+        if field.name in differently
+        else getattr(row, field.name)
+        for field in dataclasses.fields(cls)  # type: ignore[arg-type]
+    }
+    return cls(**values)
+
 
 def _server(row: _ServerRow) -> Server:
-    return Server(
-        uuid=row.uuid,
-        name=row.name,
-        project_id=row.project_id,
-        user_id=row.user_id,
-        driver=row.driver,
-        driver_info=dict(row.driver_info),
-        source=row.source,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        last_power_state=row.last_power_state,
-        locked_by=row.locked_by,
-        vm_state_override=row.vm_state_override,
-        last_crash_dump_at=row.last_crash_dump_at,
-        dump_target=row.dump_target,
-        dump_timeouts=row.dump_timeouts,
-        expected_kernel_release=row.expected_kernel_release,
-    )
+    return _domain(Server, row, driver_info=dict(row.driver_info))
 
 
 def _server_row(server: Server) -> _ServerRow:
-    return _ServerRow(
-        uuid=server.uuid,
-        name=server.name,
-        project_id=server.project_id,
-        user_id=server.user_id,
-        driver=server.driver,
-        driver_info=dict(server.driver_info),
-        source=server.source,
-        created_at=server.created_at,
-        updated_at=server.updated_at,
-        last_power_state=server.last_power_state,
-        locked_by=server.locked_by,
-        vm_state_override=server.vm_state_override,
-        last_crash_dump_at=server.last_crash_dump_at,
-        dump_target=server.dump_target,
-        dump_timeouts=server.dump_timeouts,
-        expected_kernel_release=server.expected_kernel_release,
-    )
+    values = {field.name: getattr(server, field.name) for field in dataclasses.fields(Server)}
+    return _ServerRow(**{**values, "driver_info": dict(server.driver_info)})
 
 
 def _action(row: _ActionRow) -> InstanceAction:
-    return InstanceAction(
-        id=row.id,
-        request_id=row.request_id,
-        instance_uuid=row.instance_uuid,
-        action=row.action,
-        user_id=row.user_id,
-        project_id=row.project_id,
-        start_time=row.start_time,
-        updated_at=row.updated_at,
-        message=row.message,
-        events=tuple(_event(event) for event in row.events),
-    )
+    return _domain(InstanceAction, row, events=tuple(_event(event) for event in row.events))
 
 
 def _event(row: _EventRow) -> ActionEvent:
-    return ActionEvent(
-        id=row.id,
-        action_id=row.action_id,
-        event=row.event,
-        start_time=row.start_time,
-        finish_time=row.finish_time,
-        result=row.result,
-        traceback=row.traceback,
-        details=row.details,
-        host=row.host,
-        owner=row.owner,
-        sending_since=row.sending_since,
-    )
+    return _domain(ActionEvent, row)
 
 
 def _crash_dump(row: _CrashDumpRow) -> CrashDump:
-    return CrashDump(
-        id=row.id,
-        server_id=row.server_id,
-        action_id=row.action_id,
-        request_id=row.request_id,
-        state=row.state,
-        target=row.target,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        nmi_sent_at=row.nmi_sent_at,
-        evidence=dict(row.evidence),
-        error=row.error,
-        vmcore=row.vmcore,
-        panic=row.panic,
-        stored_bytes=row.stored_bytes,
-        removed_at=row.removed_at,
-        owner=row.owner,
-    )
+    return _domain(CrashDump, row, evidence=dict(row.evidence))
 
 
 def _lease(row: _LeaseRow) -> ServiceLease:
-    return ServiceLease(
-        id=row.id,
-        host=row.host,
-        pid=row.pid,
-        pid_started=row.pid_started,
-        renewed_at=row.renewed_at,
-    )
+    return _domain(ServiceLease, row)
 
 
 def _running_events(session: Session, instance_uuid: str, event_name: str) -> int:
