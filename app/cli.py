@@ -252,15 +252,14 @@ def _dump_list(args: argparse.Namespace) -> int:
 
 
 def _dump_show(args: argparse.Namespace) -> int:
-    client = _client(args)
-    dump = client.get_crash_dump(client.find_server(args.server)["id"], args.dump)
-    _print(args, dump, json.dumps(dump, indent=2))
+    client, server_id = _client_and_server(args)
+    _print_json(client.get_crash_dump(server_id, args.dump))
     return 0
 
 
 def _dump_get(args: argparse.Namespace) -> int:
-    client = _client(args)
-    size = client.download_vmcore(client.find_server(args.server)["id"], args.dump, args.output)
+    client, server_id = _client_and_server(args)
+    size = client.download_vmcore(server_id, args.dump, args.output)
     _print(args, {"path": str(args.output), "bytes": size}, f"{args.output}: {size} bytes")
     return 0
 
@@ -290,10 +289,19 @@ def _action_list(args: argparse.Namespace) -> int:
 
 
 def _action_show(args: argparse.Namespace) -> int:
-    client = _client(args)
-    action = client.get_action(client.find_server(args.server)["id"], args.request_id)
-    _print(args, action, json.dumps(action, indent=2))
+    client, server_id = _client_and_server(args)
+    _print_json(client.get_action(server_id, args.request_id))
     return 0
+
+
+def _client_and_server(args: argparse.Namespace) -> tuple[CrashlabClient, str]:
+    """The client, and the id of the server ``args.server`` names."""
+    client = _client(args)
+    return client, client.find_server(args.server)["id"]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:

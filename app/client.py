@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from drivers.base import is_uuid
 
 MICROVERSION = "2.17"
 # A crash dump in one of these states is followed no further (app/follower.py).
@@ -119,18 +120,43 @@ def wait_for_action(
     ``ClientError`` for a fault and ``TimeoutError`` after ``timeout``.
     """
     path = action_path(server_id, request_id, details=details)
+
+    def finished() -> dict[str, Any] | None:
+        response = get(path)
+        _raise_for_fault(response)
+        action: dict[str, Any] = response.json()["instanceAction"]
+        done = action["events"] and all(e["finish_time"] for e in action["events"])
+        return action if done else None
+
+    return poll_until(
+        finished,
+        timeout=timeout,
+        poll=poll,
+        max_poll=max_poll,
+        what=f"no result for {request_id} within {timeout:g} s",
+    )
+
+
+def poll_until(
+    look: Callable[[], dict[str, Any] | None],
+    *,
+    timeout: float,
+    poll: float,
+    max_poll: float | None = None,
+    what: str,
+) -> dict[str, Any]:
+    """``look()`` after ``poll`` seconds and again, the wait doubling up to
+    ``max_poll`` (default: ``poll``), until it returns something; else
+    ``TimeoutError(what)`` after ``timeout``."""
     ceiling = poll if max_poll is None else max_poll
     deadline = time.monotonic() + timeout
     while True:
         time.sleep(poll)
         poll = min(poll * 2, ceiling)
-        response = get(path)
-        _raise_for_fault(response)
-        action: dict[str, Any] = response.json()["instanceAction"]
-        if action["events"] and all(e["finish_time"] for e in action["events"]):
-            return action
+        if (found := look()) is not None:
+            return found
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no result for {request_id} within {timeout:g} s")
+            raise TimeoutError(what)
 
 
 class CrashlabClient:
@@ -169,7 +195,7 @@ class CrashlabClient:
 
     def find_server(self, name_or_id: str) -> dict[str, Any]:
         """By uuid, else by exact name, as the OpenStack clients resolve it."""
-        if _is_uuid(name_or_id):
+        if is_uuid(name_or_id):
             server: dict[str, Any] = self.request("GET", f"/servers/{name_or_id}").json()["server"]
             return server
         matches = [s for s in self.list_servers() if s["name"] == name_or_id]
@@ -263,23 +289,28 @@ def wait_for_dump(
     ``get`` reads a path under the compute root, as for ``wait_for_action``.
     Raises ``TimeoutError`` after ``timeout``.
     """
-    deadline = time.monotonic() + timeout
-    seen = None
-    while True:
+    seen: list[str] = []
+
+    def terminal() -> dict[str, Any] | None:
         response = get(crash_dumps_path(server_id))
         _raise_for_fault(response)
-        dump = next(
-            (d for d in response.json()["crash_dumps"] if d["request_id"] == request_id), None
+        dumps = response.json()["crash_dumps"]
+        dump: dict[str, Any] | None = next(
+            (d for d in dumps if d["request_id"] == request_id), None
         )
-        if dump is not None and dump["state"] != seen:
-            seen = dump["state"]
-            if on_change is not None:
-                on_change(dump)
-        if dump is not None and dump["state"] in TERMINAL_DUMP_STATES:
-            return dict(dump)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the crash dump of {request_id} was not done within {timeout:g} s")
-        time.sleep(poll)
+        if dump is None:
+            return None
+        if on_change is not None and dump["state"] not in seen:
+            seen.append(dump["state"])
+            on_change(dump)
+        return dump if dump["state"] in TERMINAL_DUMP_STATES else None
+
+    return poll_until(
+        terminal,
+        timeout=timeout,
+        poll=poll,
+        what=f"the crash dump of {request_id} was not done within {timeout:g} s",
+    )
 
 
 def _raise_for_fault(response: httpx.Response) -> None:
@@ -293,11 +324,3 @@ def _raise_for_fault(response: httpx.Response) -> None:
     except (ValueError, StopIteration, AttributeError):
         pass
     raise ClientError(response.status_code, message, response.headers.get("x-compute-request-id"))
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

@@ -25,6 +25,7 @@ that overrides ``trigger_crash_dump`` declares ``"nmi"``; the base method raises
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -208,3 +209,12 @@ class Driver:
         cls, raw: dict[str, Any], source: SettingsSource = TRUSTED
     ) -> DriverSettings:
         return cls.settings_model.model_validate(raw, context={"source": source})
+
+
+def is_uuid(value: str) -> bool:
+    """Whether ``value`` parses as a UUID (a domain's, a server's)."""
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -43,6 +42,7 @@ from drivers.base import (
     NMINotSupported,
     PowerState,
     ServerNotFound,
+    is_uuid,
     settings_source,
 )
 from drivers.uris import DEFAULT_LIBVIRT_URI, LibvirtURI, parse_libvirt_uri
@@ -274,7 +274,7 @@ class LibvirtDriver(Driver):
 
     def _lookup(self, conn: libvirt.virConnect) -> libvirt.virDomain:
         try:
-            if _is_uuid(self.domain_name):
+            if is_uuid(self.domain_name):
                 return conn.lookupByUUIDString(self.domain_name)
             return conn.lookupByName(self.domain_name)
         except libvirt.libvirtError as exc:
@@ -283,11 +283,3 @@ class LibvirtDriver(Driver):
                     f"domain {self.domain_name} does not exist at {self.uri}"
                 ) from None
             raise
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

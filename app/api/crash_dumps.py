@@ -79,15 +79,18 @@ def show_crash_dump(
     return {"crash_dump": _shown(compute, ctx, compute.get_crash_dump(ctx, server_id, dump_id))}
 
 
-@router.get("/{dump_id}/vmcore", summary="Download the vmcore (Range honoured)")
-def download_vmcore(
-    request: Request,
+def downloadable_dump(
     server_id: str,
     dump_id: str,
     ctx: Context = Depends(context),
     compute: ComputeService = Depends(service),
-) -> FileResponse:
-    dump = compute.get_crash_dump(ctx, server_id, dump_id, rules.CRASH_DUMPS_DOWNLOAD)
+) -> CrashDump:
+    """The dump, if the caller may download it (``crash_dumps:download``)."""
+    return compute.get_crash_dump(ctx, server_id, dump_id, rules.CRASH_DUMPS_DOWNLOAD)
+
+
+@router.get("/{dump_id}/vmcore", summary="Download the vmcore (Range honoured)")
+def download_vmcore(request: Request, dump: CrashDump = Depends(downloadable_dump)) -> FileResponse:
     path = _stored(request, dump, "vmcore")
     assert dump.vmcore is not None
     digest = base64.b64encode(bytes.fromhex(dump.vmcore["sha256"])).decode()
@@ -101,13 +104,8 @@ def download_vmcore(
 
 @router.get("/{dump_id}/dmesg", summary="The dumped kernel's log, as text")
 def download_dmesg(
-    request: Request,
-    server_id: str,
-    dump_id: str,
-    ctx: Context = Depends(context),
-    compute: ComputeService = Depends(service),
+    request: Request, dump: CrashDump = Depends(downloadable_dump)
 ) -> PlainTextResponse:
-    dump = compute.get_crash_dump(ctx, server_id, dump_id, rules.CRASH_DUMPS_DOWNLOAD)
     return PlainTextResponse(_stored(request, dump, "dmesg").read_text(errors="replace"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -108,22 +109,29 @@ def server_action(
     handler = ACTIONS.get(name)
     if handler is None:
         raise NoSuchAction(name)
-    return handler(request, compute, ctx, version, server_id, body)
+    return handler(ActionCall(request, compute, ctx, version, server_id, body))
 
 
-def _trigger_crash_dump(
-    request: Request,
-    compute: ComputeService,
-    ctx: Context,
-    version: APIVersion,
-    server_id: str,
-    body: dict[str, Any],
-) -> Response:
+@dataclass(frozen=True)
+class ActionCall:
+    """One server action as routed: who asks, at which version, with which body."""
+
+    request: Request
+    compute: ComputeService
+    ctx: Context
+    version: APIVersion
+    server_id: str
+    body: dict[str, Any]
+
+
+def _trigger_crash_dump(call: ActionCall) -> Response:
     # Below 2.17 the action does not exist: Nova answers webob's plain 404.
-    if version < TRIGGER_CRASH_DUMP_VERSION:
+    if call.version < TRIGGER_CRASH_DUMP_VERSION:
         raise NotFound()
-    validation.validate(validation.TRIGGER_CRASH_DUMP, body)
-    return accept_crash_dump(request, compute.trigger_crash_dump(ctx, server_id))
+    validation.validate(validation.TRIGGER_CRASH_DUMP, call.body)
+    return accept_crash_dump(
+        call.request, call.compute.trigger_crash_dump(call.ctx, call.server_id)
+    )
 
 
 def accept_crash_dump(request: Request, pending: PendingCrashDump) -> Response:
@@ -132,48 +140,25 @@ def accept_crash_dump(request: Request, pending: PendingCrashDump) -> Response:
     return Response(status_code=202, background=BackgroundTask(dispatcher.run, pending))
 
 
-def _lock(
-    request: Request,
-    compute: ComputeService,
-    ctx: Context,
-    version: APIVersion,
-    server_id: str,
-    body: dict[str, Any],
-) -> Response:
-    validation.validate(validation.LOCK, body)
-    compute.lock(ctx, server_id)
+def _lock(call: ActionCall) -> Response:
+    validation.validate(validation.LOCK, call.body)
+    call.compute.lock(call.ctx, call.server_id)
     return Response(status_code=202)
 
 
-def _unlock(
-    request: Request,
-    compute: ComputeService,
-    ctx: Context,
-    version: APIVersion,
-    server_id: str,
-    body: dict[str, Any],
-) -> Response:
-    validation.validate(validation.UNLOCK, body)
-    compute.unlock(ctx, server_id)
+def _unlock(call: ActionCall) -> Response:
+    validation.validate(validation.UNLOCK, call.body)
+    call.compute.unlock(call.ctx, call.server_id)
     return Response(status_code=202)
 
 
-def _reset_state(
-    request: Request,
-    compute: ComputeService,
-    ctx: Context,
-    version: APIVersion,
-    server_id: str,
-    body: dict[str, Any],
-) -> Response:
-    validation.validate(validation.RESET_STATE, body)
-    compute.reset_state(ctx, server_id, body["os-resetState"]["state"])
+def _reset_state(call: ActionCall) -> Response:
+    validation.validate(validation.RESET_STATE, call.body)
+    call.compute.reset_state(call.ctx, call.server_id, call.body["os-resetState"]["state"])
     return Response(status_code=202)
 
 
-ActionHandler = Callable[
-    [Request, ComputeService, Context, APIVersion, str, dict[str, Any]], Response
-]
+ActionHandler = Callable[[ActionCall], Response]
 ACTIONS: dict[str, ActionHandler] = {
     "trigger_crash_dump": _trigger_crash_dump,
     "lock": _lock,
