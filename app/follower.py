@@ -334,6 +334,10 @@ class _Run:
                 )
             except TimeoutError:
                 outcome = Outcome(False, f"did not finish within {timeout:g} s")
+            except Exception as error:
+                # The event must end whatever happened: a running event is a promise.
+                LOG.exception("crash dump %s: %s failed", self.dump.id, name)
+                outcome = Outcome(False, f"{name} failed inside crashlab: {error}")
             if outcome is None and utcnow() >= deadline and on_timeout is not None:
                 outcome = on_timeout()
             if outcome is not None:
