@@ -37,7 +37,6 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 
 import bcrypt
 import httpx
@@ -108,12 +107,7 @@ class SushyEmulator:
             return self
         raise AssertionError("unreachable")
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     @property

@@ -28,7 +28,6 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from app.process import (
     EmulatorProcess,
@@ -79,12 +78,7 @@ class VirtualBMCs:
         self._write_daemon_config()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def add(
