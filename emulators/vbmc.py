@@ -28,6 +28,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from app.process import (
     EmulatorProcess,
@@ -51,6 +52,15 @@ class BMCEndpoint:
     port: int
     username: str
     password: str = field(repr=False)
+
+    def driver_info(self) -> dict[str, Any]:
+        """crashlab's ``ipmi`` driver settings for this BMC."""
+        return {
+            "address": self.address,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+        }
 
 
 class VirtualBMCs:

@@ -92,13 +92,7 @@ class GuestBMCs:
 
     def driver_info(self, name: str) -> dict[str, Any]:
         """crashlab's ``ipmi`` driver settings for the BMC of guest ``name``."""
-        endpoint = self._bmcs.endpoint(name)
-        return {
-            "address": endpoint.address,
-            "port": endpoint.port,
-            "username": endpoint.username,
-            "password": endpoint.password,
-        }
+        return self._bmcs.endpoint(name).driver_info()
 
     def __enter__(self) -> GuestBMCs:
         with ExitStack() as stack:
