@@ -39,7 +39,7 @@ from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.domains import BLANK_DOMAIN_XML
 from tests.domains import URI as LIBVIRT_URI
-from tests.live import LiveServer, fake_cloud_config, start_server
+from tests.live import LiveServer, fake_cloud_config, started_servers
 
 # libvirt prints every error to stderr; the tests look at the exceptions.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -54,19 +54,8 @@ NMI_PANIC = "Kernel panic - not syncing: NMI"
 @pytest.fixture
 def crashlab_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     """Factory: start ``crashlab serve`` on a config; every one is stopped after the test."""
-    started: list[LiveServer] = []
-
-    def start(
-        config: dict[str, Any] | Path | None = None, env: dict[str, str] | None = None
-    ) -> LiveServer:
-        where = tmp_path / f"server{len(started)}"
-        server = start_server(where, config if config is not None else fake_cloud_config(), env)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    with started_servers(lambda index: tmp_path / f"server{index}") as start:
+        yield start
 
 
 @pytest.fixture

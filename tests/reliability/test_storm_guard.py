@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,18 +45,6 @@ def cloud(module_server: Callable[..., LiveServer], nmi_log: Path) -> LiveServer
         fake_server(f"slow-{i}", delay_seconds=DELAY, nmi_log=str(nmi_log)) for i in range(4)
     ]
     return module_server(cloud_config(extra_servers=servers))  # the default guard: on, 60 s
-
-
-@pytest.fixture(scope="module")
-def alice(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("alice") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def admin(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("admin") as client:
-        yield client
 
 
 def _nmis(nmi_log: Path, server_id: str) -> int:
