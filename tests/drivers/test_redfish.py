@@ -246,42 +246,46 @@ def test_hung_bmc_fails_within_the_timeout(silent_bmc: str, timeout: float | Non
 # -- how a BMC publishes its reset types, via the peer ---------------------------------
 
 
-def test_nmi_listed_is_sent() -> None:
-    with RedfishPeer() as peer:
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        pytest.param(PeerBehaviour(), id="nmi-listed"),
+        pytest.param(
+            PeerBehaviour(allowable_values=None, action_info_values=["On", "Nmi"]),
+            id="action-info-with-nmi",
+        ),
+        # Nothing published means unknown, so it is tried.
+        pytest.param(PeerBehaviour(allowable_values=None), id="nothing-published"),
+    ],
+)
+def test_nmi_allowed_or_unknown_is_sent(behaviour: PeerBehaviour) -> None:
+    with RedfishPeer(behaviour) as peer:
         _peer_driver(peer).trigger_crash_dump()
         assert peer.resets == ["Nmi"]
 
 
-def test_list_without_nmi_is_not_supported_and_nothing_is_sent() -> None:
-    behaviour = PeerBehaviour(allowable_values=["On", "ForceOff", "ForceRestart"])
+@pytest.mark.parametrize(
+    ("behaviour", "match"),
+    [
+        pytest.param(
+            PeerBehaviour(allowable_values=["On", "ForceOff", "ForceRestart"]),
+            r"does not accept ResetType Nmi \(allowed: ForceOff, ForceRestart, On\)",
+            id="list-without-nmi",
+        ),
+        pytest.param(
+            PeerBehaviour(allowable_values=None, action_info_values=["On", "ForceOff"]),
+            r"allowed: ForceOff, On\)",
+            id="action-info-without-nmi",
+        ),
+    ],
+)
+def test_nmi_not_published_is_not_supported_and_nothing_is_sent(
+    behaviour: PeerBehaviour, match: str
+) -> None:
     with RedfishPeer(behaviour) as peer:
-        with pytest.raises(
-            NMINotSupported,
-            match=r"does not accept ResetType Nmi \(allowed: ForceOff, ForceRestart, On\)",
-        ):
+        with pytest.raises(NMINotSupported, match=match):
             _peer_driver(peer).trigger_crash_dump()
         assert peer.resets == []
-
-
-def test_action_info_without_nmi_is_not_supported() -> None:
-    behaviour = PeerBehaviour(allowable_values=None, action_info_values=["On", "ForceOff"])
-    with RedfishPeer(behaviour) as peer:
-        with pytest.raises(NMINotSupported, match=r"allowed: ForceOff, On\)"):
-            _peer_driver(peer).trigger_crash_dump()
-        assert peer.resets == []
-
-
-def test_action_info_with_nmi_is_sent() -> None:
-    behaviour = PeerBehaviour(allowable_values=None, action_info_values=["On", "Nmi"])
-    with RedfishPeer(behaviour) as peer:
-        _peer_driver(peer).trigger_crash_dump()
-        assert peer.resets == ["Nmi"]
-
-
-def test_nothing_published_means_unknown_so_it_is_tried() -> None:
-    with RedfishPeer(PeerBehaviour(allowable_values=None)) as peer:
-        _peer_driver(peer).trigger_crash_dump()
-        assert peer.resets == ["Nmi"]
 
 
 def test_unknown_and_refused_by_the_bmc_is_rejected_with_its_words() -> None:
