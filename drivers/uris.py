@@ -129,13 +129,19 @@ def _remote(parts: SplitResult, transport: Transport) -> LibvirtURI:
         transport == "tls" or not _SSH_USER.fullmatch(parts.username)
     ):
         raise ValueError(f"{scheme} takes no such user name")
+    port = _port(parts)
+    return LibvirtURI(transport, "/system", check_host(parts.hostname), port, parts.username)
+
+
+def _port(parts: SplitResult) -> int | None:
+    """The URL's port, if it names one; ValueError unless it is from 1 to 65535."""
     try:
         port = parts.port
     except ValueError:
         raise ValueError("has an invalid port") from None
     if port == 0:
         raise ValueError("has an invalid port")
-    return LibvirtURI(transport, "/system", check_host(parts.hostname), port, parts.username)
+    return port
 
 
 def check_http_url(url: str, *, paths: tuple[str, ...] = ("", "/")) -> str:
@@ -154,10 +160,5 @@ def check_http_url(url: str, *, paths: tuple[str, ...] = ("", "/")) -> str:
     if "?" in url or "#" in url or parts.path not in paths:
         raise ValueError("must be the service's root URL, with no query string or fragment")
     check_host(parts.hostname)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    if port == 0:
-        raise ValueError("has an invalid port")
+    _port(parts)
     return f"{parts.scheme}://{parts.netloc}"

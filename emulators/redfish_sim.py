@@ -34,7 +34,6 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from app.process import announce_ready, hold_lifeline
@@ -235,12 +234,7 @@ class RedfishPeer:
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(timeout=10)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -14,8 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from app.process import EmulatorProcess
 from emulators.nmi_log import NMILog
@@ -58,13 +57,12 @@ class SimulatedFleet:
         self._pids = [bmc["pid"] for bmc in bmcs]
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def driver_info(self, port: int) -> dict[str, Any]:
+        """crashlab's driver settings for the BMC on ``port``."""
+        raise NotImplementedError
 
     def pids(self) -> list[int]:
         """The process serving each BMC, in the order of ``ports``."""

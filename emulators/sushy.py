@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
 import bcrypt
 import httpx
@@ -108,12 +108,7 @@ class SushyEmulator:
             return self
         raise AssertionError("unreachable")
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     @property
@@ -124,6 +119,10 @@ class SushyEmulator:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    def driver_info(self) -> dict[str, Any]:
+        """crashlab's ``redfish`` driver settings for this emulator, less the ``system_id``."""
+        return {"address": self.url, "username": self.username, "password": self.password}
 
     def system_id(self, domain_name: str) -> str:
         """The Redfish ComputerSystem id of a domain: its libvirt UUID."""

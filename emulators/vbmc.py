@@ -28,7 +28,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
 from app.process import (
     EmulatorProcess,
@@ -52,6 +52,15 @@ class BMCEndpoint:
     port: int
     username: str
     password: str = field(repr=False)
+
+    def driver_info(self) -> dict[str, Any]:
+        """crashlab's ``ipmi`` driver settings for this BMC."""
+        return {
+            "address": self.address,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+        }
 
 
 class VirtualBMCs:
@@ -79,12 +88,7 @@ class VirtualBMCs:
         self._write_daemon_config()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def add(

@@ -43,22 +43,11 @@ def attach(via: Via, guest: Guest, workdir: Path) -> Iterator[Attachment]:
     elif via is Via.IPMI:
         with VirtualBMCs(workdir, libvirt_uri=guest.uri) as bmcs:
             endpoint = bmcs.add(guest.name)
-            info = {
-                "address": endpoint.address,
-                "port": endpoint.port,
-                "username": endpoint.username,
-                "password": endpoint.password,
-            }
+            info = endpoint.driver_info()
             yield Attachment("ipmi", info, bmcs.root / "logs" / f"{guest.name}.log")
     elif via is Via.REDFISH:
         with SushyEmulator(workdir, libvirt_uri=guest.uri, domains=[guest.name]) as bmc:
-            info = {
-                "address": bmc.url,
-                "system_id": bmc.system_id(guest.name),
-                "username": bmc.username,
-                "password": bmc.password,
-                "verify_tls": False,
-            }
+            info = bmc.driver_info() | {"system_id": bmc.system_id(guest.name), "verify_tls": False}
             yield Attachment("redfish", info, bmc.root / "emulator.log")
     else:
         raise ValueError(f"unknown path {via!r}")

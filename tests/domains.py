@@ -41,6 +41,14 @@ def connect(timeout: float = 20.0) -> libvirt.virConnect:
             time.sleep(0.2)
 
 
+def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
 def start_blank(name: str) -> None:
     conn = connect()
     try:

@@ -33,13 +33,13 @@ import pytest
 from app.client import wait_for_action
 from emulators import ipmi_sim
 from emulators.guest import Guest
-from emulators.guest_image import GuestImage, ImageVariant, build_image
+from emulators.guest_image import NMI_LOGGED, GuestImage, ImageVariant, build_image
 from emulators.ipmi_sim import IPMIFleet
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
 from tests.domains import BLANK_DOMAIN_XML
 from tests.domains import URI as LIBVIRT_URI
-from tests.live import LiveServer, fake_cloud_config, start_server
+from tests.live import LiveServer, fake_cloud_config, started_servers
 
 # libvirt prints every error to stderr; the tests look at the exceptions.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -54,19 +54,8 @@ NMI_PANIC = "Kernel panic - not syncing: NMI"
 @pytest.fixture
 def crashlab_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     """Factory: start ``crashlab serve`` on a config; every one is stopped after the test."""
-    started: list[LiveServer] = []
-
-    def start(
-        config: dict[str, Any] | Path | None = None, env: dict[str, str] | None = None
-    ) -> LiveServer:
-        where = tmp_path / f"server{len(started)}"
-        server = start_server(where, config if config is not None else fake_cloud_config(), env)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    with started_servers(lambda index: tmp_path / f"server{index}") as start:
+        yield start
 
 
 @pytest.fixture
@@ -151,6 +140,15 @@ def wait_console_count(guest: Guest, text: str, count: int, timeout: float = 60)
             f"no {text!r} x{count}; console:\n{guest.console.tail()}"
         )
         time.sleep(0.2)
+
+
+def assert_one_nmi_logged(guest: Guest, trigger: Callable[[], object]) -> None:
+    """Call ``trigger``: the guest's kernel logs one more NMI, and no late duplicate follows."""
+    before = console_count(guest, NMI_LOGGED)
+    trigger()
+    wait_console_count(guest, NMI_LOGGED, before + 1)
+    time.sleep(1.0)
+    assert console_count(guest, NMI_LOGGED) == before + 1
 
 
 # -- BMC emulators and simulators ----------------------------------------------------------
@@ -254,6 +252,43 @@ def wait_for_event(
         action = wait_for_action(client.get, server_id, request_id, timeout=timeout, poll=0.1)
     [event] = action["events"]
     return dict(event)
+
+
+def trigger_until_panic(server: LiveServer, guest: Guest, name: str) -> None:
+    """Alice triggers the server called ``name``: the guest panics and the event is a Success."""
+    server_id, request_id = trigger_as(server, "alice", name)
+    guest.wait_for(NMI_PANIC, timeout=60)
+    event = wait_for_event(server, "alice", server_id, request_id, timeout=30)
+    assert (event["result"], event["details"]) == ("Success", None)
+
+
+def error_events_while_the_api_answers(
+    server: LiveServer, refused: str, silent: str, timeout: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trigger ``refused`` (its BMC refuses the credentials) and ``silent`` (its BMC does not
+    answer within ``timeout``): both are accepted at once, the API answers meanwhile, and both
+    events are Errors. Returns the two events, read by an admin (the owner's are redacted).
+    """
+    started = time.monotonic()
+    refused_trigger = trigger_as(server, "alice", refused)
+    silent_trigger = trigger_as(server, "alice", silent)  # its power read waits up to timeout
+    accepted = time.monotonic()
+    with server.client("alice") as alice:
+        started_get = time.monotonic()
+        alice.get("/servers").raise_for_status()
+        answered = time.monotonic() - started_get
+    refused_event = wait_for_event(server, "admin", *refused_trigger, timeout=10)
+    silent_event = wait_for_event(server, "admin", *silent_trigger, timeout=10)
+    failed = time.monotonic() - accepted
+    print(
+        f"\nboth accepted after {accepted - started:.2f}s; API answered in {answered:.2f}s; "
+        f"the silent BMC's Error event {failed:.2f}s after it was accepted"
+    )
+    assert answered < 1
+    assert accepted - started < timeout + 1 and failed < timeout + 1
+    assert refused_event["result"] == "Error"
+    assert silent_event["result"] == "Error"
+    return refused_event, silent_event
 
 
 @pytest.fixture(scope="session")

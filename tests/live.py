@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +54,25 @@ def start_server(
     """Start ``crashlab serve`` on a config (a dict is written to ``tmp``)."""
     env = {"CRASHLAB_SECRET_KEY": "", **(env or {})}
     return LiveServer.in_workdir(tmp, config, env=env).start(timeout=30.0)
+
+
+@contextmanager
+def started_servers(workdir: Callable[[int], Path]) -> Iterator[Callable[..., LiveServer]]:
+    """A ``start(config, env)`` for the block: each server in ``workdir(index)``, on
+    scenarios/fake-cloud.yaml when no config is given; all of them stopped when the block ends.
+    """
+    started: list[LiveServer] = []
+
+    def start(
+        config: dict[str, Any] | Path | None = None, env: dict[str, str] | None = None
+    ) -> LiveServer:
+        where = workdir(len(started))
+        server = start_server(where, config if config is not None else fake_cloud_config(), env)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

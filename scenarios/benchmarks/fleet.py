@@ -16,6 +16,9 @@ baseline, so both see the same machine.
 after round in one service, with no baseline. Each crashlab round is recorded
 (``round_record``): its ``Error`` events, how many endpoints received how many
 NMIs, and its wall time.
+
+``FleetBenchmark`` and ``RoundsBenchmark`` are the benchmarks built on them: a
+subclass opens its fleet and names what the report calls it.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from scenarios.benchmarks.base import target
+from emulators.simulator import SimulatedFleet
+from scenarios.benchmarks.base import Benchmark, Context, Plan, target
 from scenarios.benchmarks.counter import NMISource
 from scenarios.benchmarks.service import BenchService
 from scenarios.benchmarks.stats import median, ratio
@@ -48,6 +54,17 @@ class Peer:
     nmis: NMISource
     driver_info: Callable[[str], dict[str, Any]]
     command: Callable[[str], list[str]] | None = None
+
+
+def simulated(driver: str, bmcs: SimulatedFleet, command: Callable[[int], list[str]]) -> Peer:
+    """A simulated fleet as a peer: each endpoint is a BMC's port, ``command`` its CLI call."""
+    return Peer(
+        driver=driver,
+        endpoints=[str(port) for port in bmcs.ports],
+        nmis=bmcs.nmis,
+        driver_info=lambda port: bmcs.driver_info(int(port)),
+        command=lambda port: command(int(port)),
+    )
 
 
 @dataclass
@@ -250,3 +267,44 @@ def rounds_targets(what: str, serves: dict[str, dict[str, Any]]) -> list[dict[st
         )
         for serve, result in serves.items()
     ]
+
+
+class FleetBenchmark(Benchmark):
+    """``run`` for each N of the plan; a subclass sets ``title`` and ``tool``, opens its fleet."""
+
+    title = ""  # the rendered table's title; lower-cased, it starts the progress line
+    tool = ""  # the baseline's CLI; an entry's ``<tool>_s`` is its median
+
+    def open_fleet(self, workdir: Path, n: int) -> AbstractContextManager[Peer]:
+        """``n`` endpoints, serving until the block ends."""
+        raise NotImplementedError
+
+    def step(self, plan: Plan) -> str:
+        return f"{self.title.lower()}, N = {', '.join(map(str, plan.sizes))}"
+
+    def run(self, context: Context) -> list[dict[str, Any]]:
+        plan = context.plan
+        with self.open_fleet(context.workdir / self.name, max(plan.sizes)) as peer:
+            return run(context.shared, peer, plan.sizes, plan.repeats, f"{self.tool}_s")
+
+    def render(self, entries: list[dict[str, Any]]) -> str:
+        return render_fleet(self.title, self.tool, f"{self.tool}_s", entries)
+
+    def errors(self, entries: list[dict[str, Any]]) -> list[str]:
+        return wrong_deliveries(self.name, entries)
+
+
+class RoundsBenchmark(Benchmark):
+    """Entries of ``rounds`` by service; a subclass sets ``title``, ``label`` and ``run``."""
+
+    title = ""  # the rendered section's title
+    label = ""  # what the targets call it
+
+    def render(self, serves: dict[str, dict[str, Any]]) -> str:
+        return render_rounds(self.title, serves)
+
+    def targets(self, serves: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return rounds_targets(self.label, serves)
+
+    def errors(self, serves: dict[str, dict[str, Any]]) -> list[str]:
+        return wrong_rounds(self.name, serves)

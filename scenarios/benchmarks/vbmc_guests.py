@@ -22,7 +22,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from drivers.uris import DEFAULT_LIBVIRT_URI
@@ -30,7 +29,7 @@ from emulators.guest import Guest, detect_accel
 from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
 from emulators.vbmc import VirtualBMCs
 from scenarios.benchmarks import fleet
-from scenarios.benchmarks.base import Benchmark, Context, Plan
+from scenarios.benchmarks.base import Context, Plan
 from scenarios.benchmarks.service import BenchService
 
 GUESTS = 24
@@ -93,13 +92,7 @@ class GuestBMCs:
 
     def driver_info(self, name: str) -> dict[str, Any]:
         """crashlab's ``ipmi`` driver settings for the BMC of guest ``name``."""
-        endpoint = self._bmcs.endpoint(name)
-        return {
-            "address": endpoint.address,
-            "port": endpoint.port,
-            "username": endpoint.username,
-            "password": endpoint.password,
-        }
+        return self._bmcs.endpoint(name).driver_info()
 
     def __enter__(self) -> GuestBMCs:
         with ExitStack() as stack:
@@ -120,12 +113,7 @@ class GuestBMCs:
             self._stack = stack.pop_all()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
 
     def _boot(self, guest: Guest) -> None:
@@ -142,9 +130,11 @@ def run(service: BenchService, count: int, rounds: int, workdir: Path) -> dict[s
         return {"long_running": result | {"boot_s": round(guests.boot_s, 1)}}
 
 
-class VBMCRoundsBenchmark(Benchmark):
+class VBMCRoundsBenchmark(fleet.RoundsBenchmark):
     name = "vbmc_rounds"
     description = "rounds of booted guests behind virtualbmc, NMIs counted on their consoles"
+    title = "virtualbmc rounds (NMIs on consoles)"
+    label = "virtualbmc rounds"
 
     def step(self, plan: Plan) -> str | None:
         if not plan.vbmc_rounds:
@@ -153,15 +143,6 @@ class VBMCRoundsBenchmark(Benchmark):
 
     def run(self, context: Context) -> dict[str, Any]:
         return run(context.shared, GUESTS, context.plan.vbmc_rounds, context.workdir / self.name)
-
-    def render(self, serves: dict[str, dict[str, Any]]) -> str:
-        return fleet.render_rounds("virtualbmc rounds (NMIs on consoles)", serves)
-
-    def targets(self, serves: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        return fleet.rounds_targets("virtualbmc rounds", serves)
-
-    def errors(self, serves: dict[str, dict[str, Any]]) -> list[str]:
-        return fleet.wrong_rounds(self.name, serves)
 
 
 BENCHMARK = VBMCRoundsBenchmark()

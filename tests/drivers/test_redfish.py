@@ -29,16 +29,15 @@ from drivers.base import (
 )
 from drivers.redfish import RedfishDriver
 from emulators.guest import Guest
-from emulators.guest_image import NMI_LOGGED, ImageVariant, build_image
+from emulators.guest_image import ImageVariant, build_image
 from emulators.redfish_sim import PeerBehaviour, RedfishPeer
 from emulators.sushy import SushyEmulator
 from tests.fixtures import (
     NMI_PANIC,
+    assert_one_nmi_logged,
     bmc_cloud,
-    console_count,
-    trigger_as,
-    wait_console_count,
-    wait_for_event,
+    error_events_while_the_api_answers,
+    trigger_until_panic,
 )
 from tests.live import LiveServer
 
@@ -48,14 +47,13 @@ SUSHY_METADATA = "http://openstack.org/xmlns/libvirt/sushy"
 RESET_LOGGED = "POST /redfish/v1/Systems/{}/Actions/ComputerSystem.Reset"
 
 
+def _redfish_info(emulator: SushyEmulator, **overrides: object) -> dict[str, object]:
+    return emulator.driver_info() | {"verify_tls": False} | overrides
+
+
 def _driver(emulator: SushyEmulator, **overrides: object) -> RedfishDriver:
-    raw = {
-        "address": emulator.url,
-        "username": emulator.username,
-        "password": emulator.password,
-        "verify_tls": False,
-    }
-    return RedfishDriver("server-1", RedfishDriver.parse_settings(raw | overrides))
+    settings = RedfishDriver.parse_settings(_redfish_info(emulator, **overrides))
+    return RedfishDriver("server-1", settings)
 
 
 def _peer_driver(peer: RedfishPeer, **overrides: object) -> RedfishDriver:
@@ -97,11 +95,7 @@ def test_nmi_reaches_the_guest_exactly_once(
 ) -> None:
     emulator = sushy_emulator()
     driver = _driver(emulator, system_id=nmi_logging_guest.uuid)
-    before = console_count(nmi_logging_guest, NMI_LOGGED)
-    driver.trigger_crash_dump()
-    wait_console_count(nmi_logging_guest, NMI_LOGGED, before + 1)
-    time.sleep(1.0)
-    assert console_count(nmi_logging_guest, NMI_LOGGED) == before + 1
+    assert_one_nmi_logged(nmi_logging_guest, driver.trigger_crash_dump)
     assert _resets_logged(emulator, nmi_logging_guest.name) == 1
 
 
@@ -252,42 +246,46 @@ def test_hung_bmc_fails_within_the_timeout(silent_bmc: str, timeout: float | Non
 # -- how a BMC publishes its reset types, via the peer ---------------------------------
 
 
-def test_nmi_listed_is_sent() -> None:
-    with RedfishPeer() as peer:
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        pytest.param(PeerBehaviour(), id="nmi-listed"),
+        pytest.param(
+            PeerBehaviour(allowable_values=None, action_info_values=["On", "Nmi"]),
+            id="action-info-with-nmi",
+        ),
+        # Nothing published means unknown, so it is tried.
+        pytest.param(PeerBehaviour(allowable_values=None), id="nothing-published"),
+    ],
+)
+def test_nmi_allowed_or_unknown_is_sent(behaviour: PeerBehaviour) -> None:
+    with RedfishPeer(behaviour) as peer:
         _peer_driver(peer).trigger_crash_dump()
         assert peer.resets == ["Nmi"]
 
 
-def test_list_without_nmi_is_not_supported_and_nothing_is_sent() -> None:
-    behaviour = PeerBehaviour(allowable_values=["On", "ForceOff", "ForceRestart"])
+@pytest.mark.parametrize(
+    ("behaviour", "match"),
+    [
+        pytest.param(
+            PeerBehaviour(allowable_values=["On", "ForceOff", "ForceRestart"]),
+            r"does not accept ResetType Nmi \(allowed: ForceOff, ForceRestart, On\)",
+            id="list-without-nmi",
+        ),
+        pytest.param(
+            PeerBehaviour(allowable_values=None, action_info_values=["On", "ForceOff"]),
+            r"allowed: ForceOff, On\)",
+            id="action-info-without-nmi",
+        ),
+    ],
+)
+def test_nmi_not_published_is_not_supported_and_nothing_is_sent(
+    behaviour: PeerBehaviour, match: str
+) -> None:
     with RedfishPeer(behaviour) as peer:
-        with pytest.raises(
-            NMINotSupported,
-            match=r"does not accept ResetType Nmi \(allowed: ForceOff, ForceRestart, On\)",
-        ):
+        with pytest.raises(NMINotSupported, match=match):
             _peer_driver(peer).trigger_crash_dump()
         assert peer.resets == []
-
-
-def test_action_info_without_nmi_is_not_supported() -> None:
-    behaviour = PeerBehaviour(allowable_values=None, action_info_values=["On", "ForceOff"])
-    with RedfishPeer(behaviour) as peer:
-        with pytest.raises(NMINotSupported, match=r"allowed: ForceOff, On\)"):
-            _peer_driver(peer).trigger_crash_dump()
-        assert peer.resets == []
-
-
-def test_action_info_with_nmi_is_sent() -> None:
-    behaviour = PeerBehaviour(allowable_values=None, action_info_values=["On", "Nmi"])
-    with RedfishPeer(behaviour) as peer:
-        _peer_driver(peer).trigger_crash_dump()
-        assert peer.resets == ["Nmi"]
-
-
-def test_nothing_published_means_unknown_so_it_is_tried() -> None:
-    with RedfishPeer(PeerBehaviour(allowable_values=None)) as peer:
-        _peer_driver(peer).trigger_crash_dump()
-        assert peer.resets == ["Nmi"]
 
 
 def test_unknown_and_refused_by_the_bmc_is_rejected_with_its_words() -> None:
@@ -358,16 +356,6 @@ def test_crash_dump_through_sushy_tools_panics_the_guest(
 # -- through crashlab's REST API ----------------------------------------------------------
 
 
-def _redfish_info(emulator: SushyEmulator, **overrides: object) -> dict[str, object]:
-    info: dict[str, object] = {
-        "address": emulator.url,
-        "username": emulator.username,
-        "password": emulator.password,
-        "verify_tls": False,
-    }
-    return info | overrides
-
-
 @pytest.mark.slow
 def test_owner_triggers_through_the_api_and_the_guest_panics(
     sushy_emulator: Callable[..., SushyEmulator], crashlab_server: Callable[..., LiveServer]
@@ -379,10 +367,7 @@ def test_owner_triggers_through_the_api_and_the_guest_panics(
             emulator, system_id=guest.uuid, verify_tls=True, ca_bundle=str(emulator.ca_file)
         )
         server = crashlab_server(bmc_cloud({"bm-redfish": ("redfish", info)}))
-        server_id, request_id = trigger_as(server, "alice", "bm-redfish")
-        guest.wait_for(NMI_PANIC, timeout=60)
-        event = wait_for_event(server, "alice", server_id, request_id, timeout=30)
-        assert (event["result"], event["details"]) == ("Success", None)
+        trigger_until_panic(server, guest, "bm-redfish")
         assert emulator.password not in server.log_path.read_text()
 
 
@@ -408,29 +393,12 @@ def test_bad_password_and_hung_bmc_end_in_error_events_while_the_api_answers(
             }
         )
     )
-    started = time.monotonic()
-    wrong = trigger_as(server, "alice", "bm-wrong-password")
-    hung_bmc = trigger_as(server, "alice", "bm-hung-bmc")  # its power read waits up to 3s
-    accepted = time.monotonic()
-    with server.client("alice") as alice:  # the API answers while the hung BMC is awaited
-        started_get = time.monotonic()
-        alice.get("/servers").raise_for_status()
-        answered = time.monotonic() - started_get
-    # Read by an admin: the owner reads details with addresses redacted.
-    wrong_event = wait_for_event(server, "admin", *wrong, timeout=10)
-    hung_event = wait_for_event(server, "admin", *hung_bmc, timeout=10)
-    failed = time.monotonic() - accepted
-    print(
-        f"\nboth accepted after {accepted - started:.2f}s; API answered in {answered:.2f}s; "
-        f"hung BMC's Error event {failed:.2f}s after it was accepted"
+    wrong_event, hung_event = error_events_while_the_api_answers(
+        server, "bm-wrong-password", "bm-hung-bmc", timeout=3
     )
-    assert answered < 1
-    assert accepted - started < 3 + 1 and failed < 3 + 1
-    assert wrong_event["result"] == "Error"
     assert wrong_event["details"] == (
         f"BMC at {emulator.url} rejected the credentials of user 'crashlab' (HTTP 401)"
     )
-    assert hung_event["result"] == "Error"
     assert hung_event["details"] == (
         f"no answer from BMC at {silent_bmc} within 3s (sending ComputerSystem.Reset (Nmi))"
     )

@@ -19,6 +19,7 @@ import pytest
 
 from emulators.sushy import SushyEmulator
 from emulators.vbmc import VirtualBMCs
+from tests.domains import domain_exists
 from tests.fixtures import LIBVIRT_URI, BlankDomains, IPMIPeers
 
 pytestmark = [pytest.mark.bmc, pytest.mark.libvirt]
@@ -38,14 +39,6 @@ def _wait_dead(pids: list[int], timeout: float = 5.0) -> list[int]:
     while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive
-
-
-def _domain_exists(conn: libvirt.virConnect, name: str) -> bool:
-    try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 def test_virtualbmc_config_lives_in_the_workdir(
@@ -120,9 +113,9 @@ def test_ipmi_peers_end_with_the_context(tmp_path: Path) -> None:
 def test_blank_domains_are_removed_even_on_error(libvirt_conn: libvirt.virConnect) -> None:
     with pytest.raises(RuntimeError, match="boom"), BlankDomains(libvirt_conn) as domains:
         names = [domains.make(), domains.make(running=False)]
-        assert all(_domain_exists(libvirt_conn, name) for name in names)
+        assert all(domain_exists(libvirt_conn, name) for name in names)
         raise RuntimeError("boom")
-    assert not any(_domain_exists(libvirt_conn, name) for name in names)
+    assert not any(domain_exists(libvirt_conn, name) for name in names)
 
 
 def test_emulators_die_when_their_parent_is_killed(
@@ -178,4 +171,4 @@ def test_fixtures_left_nothing_behind(libvirt_conn: libvirt.virConnect) -> None:
     if not _pids_started_by_fixtures:
         pytest.skip("runs after test_fixtures_start_peers")
     assert _wait_dead(_pids_started_by_fixtures, timeout=0) == []
-    assert not any(_domain_exists(libvirt_conn, n) for n in _domains_started_by_fixtures)
+    assert not any(domain_exists(libvirt_conn, n) for n in _domains_started_by_fixtures)

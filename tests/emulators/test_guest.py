@@ -17,20 +17,13 @@ from emulators.guest_image import (
     GuestImage,
     ImageVariant,
 )
+from tests.domains import domain_exists
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
 BOOT_TIMEOUT = 120.0
 NMI_LINE = "NMI received for unknown reason"
 PANIC_LINE = "Kernel panic - not syncing: NMI"
-
-
-def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
-    try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 def test_kdump_guest_saves_a_vmcore_of_its_own_kernel(
@@ -87,6 +80,11 @@ def test_nmi_ignored_guest_logs_the_nmi_and_carries_on(
         assert console.count(NMI_LINE) == 2
 
 
+def _assert_removed(conn: libvirt.virConnect, guest: Guest) -> None:
+    assert not domain_exists(conn, guest.name)
+    assert not guest.workdir.exists()
+
+
 def test_cleanup_after_an_exception_leaves_nothing(
     images: dict[ImageVariant, GuestImage], libvirt_conn: libvirt.virConnect
 ) -> None:
@@ -94,8 +92,7 @@ def test_cleanup_after_an_exception_leaves_nothing(
         assert domain_exists(libvirt_conn, guest.name)
         assert guest.dump_disk.exists()
         raise RuntimeError("boom")
-    assert not domain_exists(libvirt_conn, guest.name)
-    assert not guest.workdir.exists()
+    _assert_removed(libvirt_conn, guest)
 
 
 def test_cleanup_of_a_transient_domain(
@@ -104,8 +101,7 @@ def test_cleanup_of_a_transient_domain(
     with Guest(images[ImageVariant.NO_KDUMP]) as guest:
         guest.domain().undefine()  # running but no longer persistent
         assert guest.is_active()
-    assert not domain_exists(libvirt_conn, guest.name)
-    assert not guest.workdir.exists()
+    _assert_removed(libvirt_conn, guest)
 
 
 def test_cleanup_of_a_guest_that_powered_itself_off(
@@ -115,5 +111,4 @@ def test_cleanup_of_a_guest_that_powered_itself_off(
         guest.domain().destroy()  # defined, shut off
         with pytest.raises(GuestStopped):
             guest.wait_ready(BOOT_TIMEOUT)
-    assert not domain_exists(libvirt_conn, guest.name)
-    assert not guest.workdir.exists()
+    _assert_removed(libvirt_conn, guest)

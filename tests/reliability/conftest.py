@@ -2,20 +2,20 @@
 
 Starting ``crashlab serve`` costs about a second, so tests that only read (or
 that each use their own servers) share one process per module. Every process
-is stopped after its module, whatever happened.
+is stopped after its module, whatever happened. ``alice`` and ``admin`` are
+clients of the ``cloud`` a module defines.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
+import httpx
 import pytest
 
 from tests.domains import PREFIX, remove, start_blank
-from tests.live import LiveServer, start_server
+from tests.live import LiveServer, started_servers
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +23,22 @@ def module_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., LiveServer]]:
     """Factory: ``module_server(config_dict)``, a service kept for the whole module."""
-    started: list[LiveServer] = []
+    with started_servers(lambda _: tmp_path_factory.mktemp("crashlab")) as start:
+        yield start
 
-    def start(config: dict[str, Any] | Path, env: dict[str, str] | None = None) -> LiveServer:
-        server = start_server(tmp_path_factory.mktemp("crashlab"), config, env)
-        started.append(server)
-        return server
 
-    yield start
-    for server in started:
-        server.stop()
+@pytest.fixture(scope="module")
+def alice(cloud: LiveServer) -> Iterator[httpx.Client]:
+    """Alice's client of the module's ``cloud``, kept for the whole module."""
+    with cloud.client("alice") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def admin(cloud: LiveServer) -> Iterator[httpx.Client]:
+    """The admin's client of the module's ``cloud``, kept for the whole module."""
+    with cloud.client("admin") as client:
+        yield client
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ format, and the inventory is read afterwards to show nothing was added.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,6 @@ from tests.reliability.cloud import assert_fault, cloud_config
 @pytest.fixture(scope="module")
 def cloud(module_server: Callable[..., LiveServer]) -> LiveServer:
     return module_server(cloud_config())
-
-
-@pytest.fixture(scope="module")
-def admin(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("admin") as client:
-        yield client
 
 
 @pytest.fixture

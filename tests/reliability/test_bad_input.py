@@ -25,18 +25,6 @@ def cloud(module_server: Callable[..., LiveServer]) -> LiveServer:
     return module_server(config)
 
 
-@pytest.fixture(scope="module")
-def alice(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("alice") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def admin(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("admin") as client:
-        yield client
-
-
 def _post(client: httpx.Client, path: str, content: bytes, **headers: str) -> httpx.Response:
     return client.post(
         path, content=content, headers={"Content-Type": "application/json", **headers}

@@ -45,21 +45,12 @@ RESET_LOGGED = "POST /redfish/v1/Systems/{}/Actions/ComputerSystem.Reset"
 
 
 def _ipmi(endpoint: BMCEndpoint) -> tuple[str, dict[str, object]]:
-    return "ipmi", {
-        "address": endpoint.address,
-        "port": endpoint.port,
-        "username": endpoint.username,
-        "password": endpoint.password,
-        "timeout": TIMEOUT,
-    }
+    return "ipmi", endpoint.driver_info() | {"timeout": TIMEOUT}
 
 
 def _redfish(emulator: SushyEmulator, domain: str) -> tuple[str, dict[str, object]]:
-    return "redfish", {
-        "address": emulator.url,
+    return "redfish", emulator.driver_info() | {
         "system_id": emulator.system_id(domain),
-        "username": emulator.username,
-        "password": emulator.password,
         "timeout": TIMEOUT,
     }
 

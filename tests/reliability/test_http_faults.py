@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -28,18 +28,6 @@ BOBS = config_server_id("bob-active")
 @pytest.fixture(scope="module")
 def cloud(module_server: Callable[..., LiveServer]) -> LiveServer:
     return module_server(cloud_config())
-
-
-@pytest.fixture(scope="module")
-def admin(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("admin") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def alice(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("alice") as client:
-        yield client
 
 
 def _assert_request_id(response: httpx.Response) -> str:

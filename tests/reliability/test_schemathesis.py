@@ -31,15 +31,6 @@ from app.config import load_config
 from tests.live import LiveServer
 from tests.reliability.cloud import TRIGGER, cloud_config, config_server_id
 
-SERVERS = [
-    "alice-active",
-    "alice-paused",
-    "alice-stopped",
-    "alice-error",
-    "alice-locked",
-    "alice-nonmi",
-    "bob-active",
-]
 INVENTORY = [
     "register_server_v2_1_crashlab_servers_post",
     "unregister_server_v2_1_crashlab_servers__server_id__delete",
@@ -94,7 +85,7 @@ def _write_config(path: Path, request_ids: list[str], tokens: list[str]) -> None
     def values(items: list[str]) -> str:
         return json.dumps(items)
 
-    servers = [config_server_id(name) for name in SERVERS]
+    servers = [config_server_id(server["name"]) for server in cloud_config()["servers"]]
     path.write_text(
         f"""
 [dictionaries.servers]

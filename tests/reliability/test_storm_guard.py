@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,20 +47,16 @@ def cloud(module_server: Callable[..., LiveServer], nmi_log: Path) -> LiveServer
     return module_server(cloud_config(extra_servers=servers))  # the default guard: on, 60 s
 
 
-@pytest.fixture(scope="module")
-def alice(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("alice") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def admin(cloud: LiveServer) -> Iterator[httpx.Client]:
-    with cloud.client("admin") as client:
-        yield client
-
-
 def _nmis(nmi_log: Path, server_id: str) -> int:
     return nmi_lines(nmi_log).count(server_id)
+
+
+def _cooling_down(alice: httpx.Client, admin: httpx.Client, name: str) -> str:
+    """The id of server ``name``, once a trigger by alice has finished: its cooldown runs."""
+    server = config_server_id(name)
+    first = trigger(alice, server)
+    wait_for_action(admin, server, first.headers["x-openstack-request-id"])
+    return server
 
 
 def test_second_trigger_while_the_first_is_in_flight_is_409(
@@ -87,9 +83,7 @@ def test_second_trigger_while_the_first_is_in_flight_is_409(
 def test_trigger_within_the_cooldown_is_409(
     alice: httpx.Client, admin: httpx.Client, nmi_log: Path
 ) -> None:
-    server = config_server_id("slow-1")
-    first = trigger(alice, server)
-    wait_for_action(admin, server, first.headers["x-openstack-request-id"])
+    server = _cooling_down(alice, admin, "slow-1")
     message = assert_fault(trigger(alice, server), 409, f"A crash dump of instance {server} was")
     assert "waits 60 s before another NMI so a running kdump is not interrupted" in message
     assert _nmis(nmi_log, server) == 1
@@ -118,9 +112,7 @@ def test_a_burst_of_triggers_sends_exactly_one_nmi(
 def test_admin_bypasses_the_guard_through_the_extension(
     alice: httpx.Client, admin: httpx.Client, nmi_log: Path
 ) -> None:
-    server = config_server_id("slow-3")
-    first = trigger(alice, server)
-    wait_for_action(admin, server, first.headers["x-openstack-request-id"])
+    server = _cooling_down(alice, admin, "slow-3")
     assert_fault(trigger(alice, server), 409)
 
     path = f"/crashlab/servers/{server}/action"

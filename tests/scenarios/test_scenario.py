@@ -17,6 +17,7 @@ import libvirt
 import pytest
 
 from app.process import free_port
+from tests.domains import domain_exists
 from tests.fixtures import processes_mentioning
 from tests.live import LiveServer, fake_cloud_config
 
@@ -51,14 +52,6 @@ def crashlab(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
-    try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 @pytest.mark.bmc
