@@ -205,7 +205,8 @@ def test_an_ignored_nmi_gives_no_panic_and_no_dump(
     lab: LiveServer, nmi_logging_guest: Guest
 ) -> None:
     guest = nmi_logging_guest
-    server_id = register(lab, guest, {"panic": 4, "collect": 4, "verify": 10})
+    # Long enough for a guest starved of CPU to log the NMI it ignores.
+    server_id = register(lab, guest, {"panic": 10, "collect": 4, "verify": 10})
     with lab.client("alice") as alice:
         request_id = trigger(alice, server_id)
         dump = wait_for_dump(alice.get, server_id, request_id, timeout=60)
