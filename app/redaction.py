@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.store import Server
+
 REDACTED = "[redacted]"
 
 _PORT = r"(?::\d{1,5}\b)?"
@@ -46,14 +48,26 @@ _ADDRESSES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] =
     ),
     # IPv4, with a port or not.
     (re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}\b" + _PORT), REDACTED),
-    # host:port, the host with a letter in it (so that a clock time is kept).
+    # host:port, the host with a letter in it (so that a clock time is kept), and
+    # not an ISO 8601 date and time (2026-12-02T13:34, whose T is no host's).
     (
-        re.compile(r"(?<![\w.-])(?=[A-Za-z0-9.-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9.-]*:\d{1,5}\b"),
+        re.compile(
+            r"(?<![\w.-])(?!\d{4}-\d\d-\d\dT\d\d:)(?=[A-Za-z0-9.-]*[A-Za-z])"
+            r"[A-Za-z0-9][A-Za-z0-9.-]*:\d{1,5}\b"
+        ),
         REDACTED,
     ),
     # An absolute path, not the middle of a word or a fraction.
     (re.compile(rf"(?<![\w.:/~-])/(?:[^\s'\"<>(),;]*{_TAIL})?"), REDACTED),
 ]
+
+
+def backend_settings(server: Server) -> dict[str, Any]:
+    """What names a server's backends: its driver settings, and its dump target's
+    domain and URI (not the target's type or device, which are words of the details)."""
+    target = server.dump_target or {}
+    named = {key: target[key] for key in ("domain", "uri") if target.get(key)}
+    return {**server.driver_info, **{f"dump_target_{key}": value for key, value in named.items()}}
 
 
 def redact(details: str, driver_info: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from app import policy as rules
 from app.api.deps import context, service
 from app.api.views import event_time
 from app.follower import CrashDumpFollower
-from app.redaction import redact
+from app.redaction import backend_settings, redact
 from app.service import ComputeService, Context
 from app.store import CrashDump, Server
 
@@ -32,7 +32,7 @@ router = APIRouter(prefix="/v2.1/crashlab/servers/{server_id}/crash-dumps")
 def crash_dump_view(dump: CrashDump, server: Server, whole: bool) -> dict[str, Any]:
     error = dump.error
     if error is not None and not whole:
-        error = redact(error, {**server.driver_info, **(server.dump_target or {})})
+        error = redact(error, backend_settings(server))
     return {
         "id": dump.id,
         "server_id": dump.server_id,

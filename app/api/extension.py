@@ -28,7 +28,7 @@ from app.api.deps import context, json_body, service
 from app.api.servers import accept_crash_dump
 from app.api.views import action_event, instance_action
 from app.backends import masked_settings
-from app.redaction import redact
+from app.redaction import backend_settings, redact
 from app.service import ComputeService, Context
 from app.store import Server
 from drivers import all_driver_classes
@@ -130,7 +130,7 @@ def show_action_details(
         shown["details"] = (
             event.details
             if whole or event.details is None
-            else redact(event.details, {**server.driver_info, **(server.dump_target or {})})
+            else redact(event.details, backend_settings(server))
         )
         if not show_traceback:
             del shown["traceback"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from app.redaction import REDACTED, redact
+from app.redaction import REDACTED, backend_settings, redact
 
 pytestmark = pytest.mark.fast
 
@@ -74,6 +76,8 @@ KEPT = [
     "done at 12:30:45 after 1/2 of the retries, and/or a reset",
     "MAC aa:bb:cc:dd:ee:ff, completion code 0xc1, step 2:3",
     "IpmiException: Unauthorized name",
+    "the vmcore crashed at 2026-12-02T13:34:24Z, before this NMI was sent at 2026-12-02T13:35:19Z",
+    "a complete dump of 17151653 bytes arrived on the disk",
 ]
 
 
@@ -92,3 +96,14 @@ def test_settings_that_are_not_strings_are_not_words() -> None:
     # The port alone is a number like any other; with its host it goes.
     assert redact("retry 6230 times", IPMI) == "retry 6230 times"
     assert redact("verify True", REDFISH) == "verify True"
+
+
+def test_a_dump_target_s_domain_goes_and_its_type_and_device_stay() -> None:
+    server = SimpleNamespace(
+        driver_info={"address": "bmc.lab"},
+        dump_target={"type": "disk", "device": "vda", "domain": "guest-7"},
+    )
+    settings = backend_settings(server)  # type: ignore[arg-type]
+    assert redact("the disk vda of guest-7 behind bmc.lab", settings) == (
+        "the disk vda of [redacted] behind [redacted]"
+    )
