@@ -270,7 +270,10 @@ class _Run:
     async def verify_dump(self) -> None:
         verify = _Verification(self)
         outcome = await self._phase(VERIFY_DUMP_EVENT, self.timeouts.verify, verify.run, None)
-        if not outcome.ok:
+        # The state after the event: a client that sees a terminal state sees every event ended.
+        if outcome.ok:
+            await self._state("verified")
+        else:
             await self._state("failed", outcome.details)
 
     # Console
@@ -432,11 +435,10 @@ class _Verification:
         reason = self.judge(facts, vmcore.crash_time, vmcore.panic_message)
         run.store.record_vmcore(
             run.dump.id,
-            state="failed" if reason else "verified",
+            state="collected",
             vmcore=facts,
             panic=panic,
             stored_bytes=vmcore.bytes + len(dmesg),
-            error=reason,
         )
         if reason:
             return Outcome(False, reason)

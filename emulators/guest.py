@@ -35,6 +35,8 @@ from emulators.guest_image import READY_MARKER, GuestImage, cache_root
 
 MEMORY_MIB = 768
 DUMP_DISK_MIB = 64
+# The dump disk's target dev in the domain XML: a dump target names it (app/dump_targets.py).
+DUMP_DEVICE = "vda"
 POLL_SECONDS = 0.1
 # A define or start takes tens of milliseconds on a ready host; past this, say why.
 LIBVIRT_CALL_SECONDS = 10.0
@@ -254,7 +256,7 @@ class Guest:
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type="raw")
         ET.SubElement(disk, "source", file=str(self.dump_disk))
-        ET.SubElement(disk, "target", dev="vda", bus="virtio")
+        ET.SubElement(disk, "target", dev=DUMP_DEVICE, bus="virtio")
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(self.console_path))
         ET.SubElement(serial, "target", port="0")

@@ -1,8 +1,9 @@
 """The crashlab API as a scenario uses it: over HTTP, as an operator and a user would.
 
 ``ScenarioAPI`` holds two authenticated clients of one service: an admin who
-registers servers through the admin extension, and the owning user who
-triggers the crash dump. ``LocalService`` starts ``crashlab serve``
+registers servers through the admin extension and reads the instance
+actions' events, and the owning user who triggers the crash dump and reads,
+and downloads, what crashlab followed after it. ``LocalService`` starts ``crashlab serve``
 (scenarios/serve.py) on a free loopback port with a generated config holding
 exactly those two users.
 """
@@ -10,16 +11,22 @@ exactly those two users.
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import httpx
 from cryptography.fernet import Fernet
 
-from app.client import ClientError, CrashlabClient, Credentials, wait_for_action
+from app.client import CrashlabClient, Credentials, wait_for_action, wait_for_dump
 from app.events import CRASH_DUMP_EVENT
 from app.identity import hash_password
 from scenarios.serve import ServeProcess, write_config
+
+POLL_SECONDS = 0.2
+FINISH_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,12 @@ class ScenarioAPI:
         """Authenticate both accounts now, so bad credentials fail before a guest boots."""
         _ = self.admin, self.user
 
-    def register(self, name: str, driver: str, driver_info: dict[str, Any]) -> str:
-        """Register a server owned by the user, through the admin extension; its uuid."""
+    def register(self, name: str, driver: str, driver_info: dict[str, Any], **dump: Any) -> str:
+        """Register a server owned by the user, through the admin extension; its uuid.
+
+        ``dump`` holds the server's ``dump_target``, ``dump_timeouts`` and
+        ``expected_kernel_release`` (app/dump_targets.py), where given.
+        """
         body = {
             "server": {
                 "name": name,
@@ -81,6 +92,7 @@ class ScenarioAPI:
                 "user_id": self.user_account.username,
                 "driver": driver,
                 "driver_info": driver_info,
+                **{key: value for key, value in dump.items() if value is not None},
             }
         }
         response = self.admin.request("POST", "/crashlab/servers", json=body)
@@ -94,35 +106,55 @@ class ScenarioAPI:
         """POST the action as the owning user; the request id from the 202."""
         return self.user.trigger_crash_dump(server_id)
 
-    def wait_for_event(
+    def wait_for_trigger(
         self, server_id: str, request_id: str, timeout: float
-    ) -> tuple[str | None, str | None]:
-        """The crash-dump event's result from Nova's os-instance-actions, and its details.
+    ) -> dict[str, Any] | None:
+        """The instance action once its crash-dump event has a result; None after ``timeout``.
 
-        Read as admin: at 2.17 Nova shows events to admins only. The details
-        (the driver's error) come from crashlab's extension, which shows them.
+        Read as admin through crashlab's extension: at 2.17 Nova shows events
+        to admins only, and the extension adds their details (the driver's
+        error). The events that follow the dump may still be running.
         """
-        try:
-            action = wait_for_action(
-                self.admin.get, server_id, request_id, timeout=timeout, details=False
-            )
-        except TimeoutError:
-            return None, None
-        events = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
-        result: str | None = events[0]["result"] if events else None
-        details = None
-        if result not in (None, "Success"):
-            details = self._event_details(server_id, request_id)
-        return result, details
-
-    def _event_details(self, server_id: str, request_id: str) -> str | None:
-        try:
+        deadline = time.monotonic() + timeout
+        while True:
             action = self.admin.get_action(server_id, request_id)
-        except ClientError:
+            trigger = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
+            if trigger and trigger[0]["finish_time"]:
+                return action
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(POLL_SECONDS)
+
+    def wait_for_dump(
+        self,
+        server_id: str,
+        request_id: str,
+        timeout: float,
+        *,
+        on_change: Callable[[dict[str, Any]], None],
+        on_poll: Callable[[], None],
+    ) -> dict[str, Any] | None:
+        """The request's crash dump once terminal, as its owner reads it; None after ``timeout``.
+
+        ``on_change`` sees each new state, ``on_poll`` runs before each look.
+        """
+
+        def get(path: str) -> httpx.Response:
+            on_poll()
+            return self.user.get(path)
+
+        try:
+            return wait_for_dump(get, server_id, request_id, timeout=timeout, on_change=on_change)
+        except TimeoutError:
             return None
-        events = [e for e in action["events"] if e["event"] == CRASH_DUMP_EVENT]
-        details: str | None = events[0].get("details") if events else None
-        return details
+
+    def finished_action(self, server_id: str, request_id: str) -> dict[str, Any]:
+        """The instance action once all its events have ended (a terminal dump's last
+        event ends just after its state is stored), else as it stands."""
+        try:
+            return wait_for_action(self.admin.get, server_id, request_id, timeout=FINISH_TIMEOUT)
+        except TimeoutError:
+            return self.admin.get_action(server_id, request_id)
 
     def close(self) -> None:
         for client in (self._admin, self._user):

@@ -5,20 +5,25 @@ One run, end to end::
     image  = build_image(variant)                  # cached
     guest  = Guest(image)                          # libvirt, console to a file
     path   = attach(via, guest)                    # nothing, virtualbmc or sushy-tools
-    server = api.register(...)                     # admin extension, owned by the user
+    server = api.register(..., dump_target=disk)   # admin extension, owned by the user
     api.trigger_crash_dump(server)                 # as the user, over HTTP: 202 + request id
-    console: NMI -> panic -> crash kernel -> dump  # followed, timed
-    vmcore = extract_vmcore(dump disk)             # makedumpfile -R, header parsed
-    verdict                                        # what the evidence shows
+    dump   = api.wait_for_dump(server, request)    # crashlab follows it: panic, collect, verify
+    vmcore = download(api, dump)                   # through the API, read, its sha256 checked
+    verdict                                        # what the API's evidence shows
 
-The verdict is read from evidence only: the console (``nmi_received``,
-``panicked``, ``dump_saved``), the action event read back from
-os-instance-actions, and the vmcore's own header. Each variant expects one
-verdict; anything else is a failed run.
+The verdict is read from the API only (``ApiEvidence``): the instance
+action's events, the crash-dump resource crashlab follows after the NMI
+(app/follower.py), the server's power state, and the vmcore downloaded
+through the API. So the runner works against any crashlab (``--api URL``)
+that can reach the guest. The guest's console is read here for two things
+only: to know the guest has booted before the trigger, and to show progress.
+Each variant expects one verdict; anything else is a failed run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import enum
 import re
 import shutil
@@ -33,18 +38,17 @@ import httpx
 import libvirt
 
 from app.client import ClientError
-from app.process import EmulatorStartError
-from app.vmcore import Vmcore, VmcoreError, extract_vmcore
-from emulators.guest import Guest, GuestError
-from emulators.guest_image import (
-    CRASH_KERNEL_MARKER,
-    DUMP_FAILED_MARKER,
-    DUMP_SAVED_MARKER,
-    READY_MARKER,
-    ImageBuildError,
-    ImageVariant,
-    build_image,
+from app.events import (
+    COLLECT_DUMP_EVENT,
+    CRASH_DUMP_EVENT,
+    OBSERVE_PANIC_EVENT,
+    VERIFY_DUMP_EVENT,
 )
+from app.process import EmulatorStartError
+from app.vmcore import Vmcore, VmcoreError, panic_message, read_vmcore, sha256_of
+from drivers.base import PowerState
+from emulators.guest import Guest, GuestError
+from emulators.guest_image import READY_MARKER, ImageBuildError, ImageVariant, build_image
 from scenarios.api import LocalService, ScenarioAPI
 from scenarios.progress import Progress
 from scenarios.via import Via, attach
@@ -52,21 +56,26 @@ from scenarios.via import Via, attach
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 BOOT_TIMEOUT = 180.0
-NMI_TIMEOUT = 60.0
-# no-kdump prints its panic within milliseconds of the NMI line; wait this long for it.
-SETTLE_SECONDS = 5.0
-DUMP_TIMEOUT = 240.0
+# From the 202 to the compute_trigger_crash_dump event's result: the NMI sent or not.
 EVENT_TIMEOUT = 60.0
-
-# Console evidence. The kdump guest's own lines come back as CRASHLAB-PANIC-LOG
-# lines, replayed by the crash kernel, so the same patterns match them.
-NMI_SEEN = r"NMI received for unknown reason|Dazed and confused|NMI: Not continuing"
-PANIC_SEEN = rf"Kernel panic - not syncing|{CRASH_KERNEL_MARKER}"
-# The first sign of a panic: its message, or the crash kernel's first line.
-PANIC_MOMENT = r"Kernel panic - not syncing|Linux version"
-PANIC_TIMESTAMP = r"\[\s*(\d+\.\d+)\] Kernel panic - not syncing"
-FIRST_SIGN = rf"{NMI_SEEN}|{PANIC_MOMENT}"
-DUMP_OUTCOME = rf"{DUMP_SAVED_MARKER}|{DUMP_FAILED_MARKER}"
+# The phases crashlab follows after the NMI (app/dump_targets.py), fitted to
+# each variant under TCG. A kdump guest's crash kernel shows within seconds and
+# writes its dump in under a minute. Where no dump can come, the collect phase
+# is only how long to wait for one; where no panic can come, so is the panic
+# phase: no-kdump panics within milliseconds of the NMI.
+DUMP_TIMEOUTS: dict[ImageVariant, dict[str, float]] = {
+    ImageVariant.KDUMP: {"panic": 60, "collect": 240, "verify": 120},
+    ImageVariant.NO_KDUMP: {"panic": 60, "collect": 10, "verify": 60},
+    ImageVariant.NMI_IGNORED: {"panic": 10, "collect": 5, "verify": 60},
+}
+# Beyond the phases' own timeouts: the follower's polls and the last event's finish.
+FOLLOW_MARGIN = 60.0
+# How the follower words an NMI the guest logged and survived (``_no_panic``
+# in app/follower.py); the crash-dump resource has no field of its own for it.
+NMI_LOGGED = re.compile(r"logged the NMI")
+# A dump seen in any of these states had panicked: each follows the panic, or a
+# dump arriving, which only a crash kernel writes.
+PANICKED_STATES = frozenset({"panicked", "collecting", "collected", "verified"})
 
 
 class Verdict(enum.StrEnum):
@@ -86,9 +95,72 @@ EXPECTED_VERDICT = {
 @dataclass
 class Seconds:
     boot: float | None = None
+    # From the API's events: the NMI's own event, then each phase that followed it.
+    nmi: float | None = None
     trigger_to_panic: float | None = None
     panic_to_dump: float | None = None
+    verify: float | None = None
+    trigger_to_verified: float | None = None
     total: float | None = None
+
+
+@dataclass(frozen=True)
+class Download:
+    """The vmcore as downloaded through the API: what it says of itself, and its digest."""
+
+    vmcore: Vmcore | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class ApiEvidence:
+    """What the API said of one crash dump; the verdict is made from this alone.
+
+    ``action`` is the instance action with its events (crashlab's extension,
+    read as admin), ``dump`` the crash-dump resource, ``states`` each state it
+    was seen in while followed, ``server`` the server once the dump ended.
+    """
+
+    action: dict[str, Any] | None = None
+    dump: dict[str, Any] | None = None
+    states: list[str] = field(default_factory=list)
+    server: dict[str, Any] | None = None
+    download: Download | None = None
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        events = (self.action or {}).get("events") or []
+        return next((e for e in events if e["event"] == name), None)
+
+    def succeeded(self, name: str) -> bool:
+        event = self.event(name)
+        return event is not None and event.get("result") == "Success"
+
+    @property
+    def panic_observed(self) -> bool:
+        return self.succeeded(OBSERVE_PANIC_EVENT) or bool(PANICKED_STATES & set(self.states))
+
+    @property
+    def nmi_logged(self) -> bool:
+        """The guest showed the NMI: it panicked, or logged it and went on."""
+        observe = self.event(OBSERVE_PANIC_EVENT) or {}
+        return self.panic_observed or bool(NMI_LOGGED.search(observe.get("details") or ""))
+
+    @property
+    def dump_saved(self) -> bool:
+        return self.succeeded(COLLECT_DUMP_EVENT)
+
+    @property
+    def guest_running(self) -> bool:
+        power = (self.server or {}).get("OS-EXT-STS:power_state")
+        return power == PowerState.RUNNING
+
+    def seconds(self, since: str, since_field: str, until: str) -> float | None:
+        """From one event's ``since_field`` time to another's finish, on the API's clock."""
+        start, end = self.event(since), self.event(until)
+        if start is None or end is None or not start.get(since_field) or not end["finish_time"]:
+            return None
+        return (_time(end["finish_time"]) - _time(start[since_field])).total_seconds()
 
 
 @dataclass
@@ -104,6 +176,9 @@ class ScenarioResult:
     nmi_received: bool = False
     panicked: bool = False
     dump_saved: bool = False
+    dump_id: str | None = None
+    dump_state: str | None = None
+    dump_error: str | None = None
     vmcore: Vmcore | None = None
     guest_kernel_release: str | None = None
     seconds: Seconds = field(default_factory=Seconds)
@@ -133,6 +208,9 @@ class ScenarioResult:
             "nmi_received": self.nmi_received,
             "panicked": self.panicked,
             "dump_saved": self.dump_saved,
+            "dump_id": self.dump_id,
+            "dump_state": self.dump_state,
+            "dump_error": self.dump_error,
             "vmcore": self.vmcore.as_dict() if self.vmcore else None,
             "guest_kernel_release": self.guest_kernel_release,
             "seconds": {k: _round(v) for k, v in vars(self.seconds).items()},
@@ -177,7 +255,7 @@ def run_kdump_scenario(
     """Run one scenario; never raises for a failed run, only reports it.
 
     Without ``api`` a ``crashlab serve`` is started for the run. ``output``
-    receives the console log, the vmcore and the emulator's logs.
+    receives the console log, the downloaded vmcore and the emulator's logs.
     """
     result = ScenarioResult(Via(via), ImageVariant(variant))
     result.artifacts = output or default_output(f"{result.via}-{result.variant}")
@@ -214,109 +292,141 @@ def _run(result: ScenarioResult, api: ScenarioAPI, stack: ExitStack, progress: P
     with progress.step("booting the guest"):
         ready = guest.wait_ready(BOOT_TIMEOUT, on_line=progress.console_line)
     result.guest_kernel_release = ready.get("kernel")
-    result.seconds.boot = _seen(guest, READY_MARKER, 0) - guest.started_at
+    result.seconds.boot = _seen(guest, READY_MARKER) - guest.started_at
 
-    result.server_id = api.register(guest.name, attachment.driver, attachment.driver_info)
+    result.server_id = api.register(
+        guest.name,
+        attachment.driver,
+        attachment.driver_info,
+        dump_target=attachment.dump_target,
+        dump_timeouts=DUMP_TIMEOUTS[result.variant],
+        expected_kernel_release=result.guest_kernel_release,
+    )
     stack.callback(_quietly, api.unregister, result.server_id)
-    mark = guest.console.mark()
-    triggered_at = time.monotonic()
     result.request_id = api.trigger_crash_dump(result.server_id)
     progress.note(f"trigger_crash_dump accepted: {result.request_id}")
 
-    _follow_console(result, guest, mark, ready, progress)
-    _read_timings(result, guest, mark, triggered_at, ready)
-    result.action_result, result.action_details = api.wait_for_event(
-        result.server_id, result.request_id, EVENT_TIMEOUT
-    )
-    if result.dump_saved:
-        with progress.step("extracting the vmcore"):
-            guest.wait_stopped(60)
-            result.vmcore = extract_vmcore(guest.dump_disk, result.artifacts / "vmcore")
-    console = "\n".join(guest.console.lines[mark:])
-    result.verdict, result.reason = decide(result, guest.is_active(), console)
+    evidence = _follow(result, api, guest, progress)
+    read_evidence(result, evidence)
+    result.verdict, result.reason = decide(result, evidence)
 
 
-def _follow_console(
-    result: ScenarioResult, guest: Guest, mark: int, ready: dict[str, str], progress: Progress
-) -> None:
-    """Wait for what the variant leads to; a missing step is evidence, not an error."""
-    on_line = progress.console_line
+def _follow(
+    result: ScenarioResult, api: ScenarioAPI, guest: Guest, progress: Progress
+) -> ApiEvidence:
+    """Read from the API what became of the NMI; a missing step is evidence, not an error."""
+    assert result.server_id and result.request_id and result.artifacts
+    server_id, request_id = result.server_id, result.request_id
+    evidence = ApiEvidence()
+    with progress.step("waiting for the NMI to be sent"):
+        evidence.action = api.wait_for_trigger(server_id, request_id, EVENT_TIMEOUT)
+    if not evidence.succeeded(CRASH_DUMP_EVENT):
+        return evidence
+
+    def seen(dump: dict[str, Any]) -> None:
+        evidence.dump = dump
+        evidence.states.append(dump["state"])
+        progress.note(f"crash dump {dump['id']}: {dump['state']}")
+
+    def show_console() -> None:
+        for line in guest.console.poll():
+            progress.console_line(line)
+
+    timeout = sum(DUMP_TIMEOUTS[result.variant].values()) + FOLLOW_MARGIN
+    with progress.step("following the crash dump through the API"):
+        api.wait_for_dump(server_id, request_id, timeout, on_change=seen, on_poll=show_console)
+    evidence.action = api.finished_action(server_id, request_id)
+    evidence.server = api.user.find_server(server_id)
+    if evidence.dump is not None and evidence.dump["state"] == "verified":
+        with progress.step("downloading the vmcore through the API"):
+            evidence.download = download(api, evidence.dump, result.artifacts / "vmcore")
+    return evidence
+
+
+def download(api: ScenarioAPI, dump: dict[str, Any], out: Path) -> Download:
+    """The dump's vmcore, downloaded as its owner, read and digested here."""
     try:
-        with progress.step("waiting for the NMI"):
-            guest.wait_for(FIRST_SIGN, NMI_TIMEOUT, on_line, mark)
-        if ready.get("kexec_crash_loaded") == "1":
-            with progress.step("waiting for the crash kernel to save the dump"):
-                guest.wait_for(DUMP_OUTCOME, DUMP_TIMEOUT, on_line, mark)
-        else:
-            with progress.step("checking whether the guest panics"):
-                _wait_quietly(guest, PANIC_SEEN, SETTLE_SECONDS, mark, on_line)
-    except GuestError as exc:
-        result.reason = _reason(exc)
-    console = guest.console
-    result.nmi_received = console.find(NMI_SEEN, mark) is not None
-    result.panicked = console.find(PANIC_SEEN, mark) is not None
-    result.dump_saved = console.find(DUMP_SAVED_MARKER, mark) is not None
+        api.user.download_vmcore(dump["server_id"], dump["id"], out)
+        vmcore = read_vmcore(out)
+    except (ClientError, httpx.HTTPError, VmcoreError, OSError) as exc:
+        return Download(error=_reason(exc))
+    message = (dump.get("panic") or {}).get("message")
+    vmcore = dataclasses.replace(vmcore, panic_message=panic_message(message or ""))
+    return Download(vmcore, sha256_of(out))
 
 
-def _wait_quietly(guest: Guest, pattern: str, seconds: float, mark: int, on_line: Any) -> None:
-    with suppress(GuestError):
-        guest.wait_for(pattern, seconds, on_line, mark)
+def read_evidence(result: ScenarioResult, evidence: ApiEvidence) -> None:
+    """Fill the report's fields from what the API said."""
+    trigger = evidence.event(CRASH_DUMP_EVENT) or {}
+    result.action_result = trigger.get("result")
+    result.action_details = trigger.get("details")
+    result.nmi_received = evidence.nmi_logged
+    result.panicked = evidence.panic_observed
+    result.dump_saved = evidence.dump_saved
+    if evidence.dump is not None:
+        result.dump_id = evidence.dump["id"]
+        result.dump_state = evidence.dump["state"]
+        result.dump_error = evidence.dump.get("error")
+    if evidence.download is not None:
+        result.vmcore = evidence.download.vmcore
+    result.seconds.nmi = evidence.seconds(CRASH_DUMP_EVENT, "start_time", CRASH_DUMP_EVENT)
+    if evidence.succeeded(VERIFY_DUMP_EVENT):
+        result.seconds.verify = evidence.seconds(
+            COLLECT_DUMP_EVENT, "finish_time", VERIFY_DUMP_EVENT
+        )
+        result.seconds.trigger_to_verified = evidence.seconds(
+            CRASH_DUMP_EVENT, "start_time", VERIFY_DUMP_EVENT
+        )
+    if evidence.succeeded(OBSERVE_PANIC_EVENT):
+        # From the 202 to the event that saw the panic, as from the trigger before.
+        seconds = evidence.seconds(CRASH_DUMP_EVENT, "start_time", OBSERVE_PANIC_EVENT)
+        result.seconds.trigger_to_panic = None if seconds is None else max(0.0, seconds)
+        if evidence.dump_saved:
+            result.seconds.panic_to_dump = evidence.seconds(
+                OBSERVE_PANIC_EVENT, "finish_time", COLLECT_DUMP_EVENT
+            )
 
 
-def _read_timings(
-    result: ScenarioResult, guest: Guest, mark: int, triggered_at: float, ready: dict[str, str]
-) -> None:
-    panic_at = _panic_moment(guest, mark, ready) if result.panicked else None
-    if panic_at is None:
-        return
-    # The guest clock maps to the host's only to some tens of milliseconds, so a panic
-    # right after the trigger can map to just before it; it cannot have come earlier.
-    result.seconds.trigger_to_panic = max(0.0, panic_at - triggered_at)
-    dump = guest.console.find(DUMP_SAVED_MARKER, mark)
-    if dump is not None:
-        result.seconds.panic_to_dump = dump[1] - panic_at
-
-
-def _panic_moment(guest: Guest, mark: int, ready: dict[str, str]) -> float | None:
-    """When the guest panicked, on the host's monotonic clock.
-
-    The guest's printk clock runs at real time under TCG and KVM alike, and
-    the READY line carries the guest's uptime, so the panic line's timestamp
-    (printed, or replayed by the crash kernel) converts to host time. Seeing
-    the panic on the console instead would add the crash kernel's
-    decompression, seconds under TCG. Without an uptime, the first console
-    sign is the fallback.
-    """
-    panic = guest.console.find(PANIC_TIMESTAMP, mark)
-    ready_line = guest.console.find(READY_MARKER, 0)
-    if panic and ready_line and "uptime" in ready:
-        return ready_line[1] + float(panic[0].group(1)) - float(ready["uptime"])
-    first = guest.console.find(PANIC_MOMENT, mark)
-    return first[1] if first else None
-
-
-def decide(
-    result: ScenarioResult, guest_running: bool, console: str = ""
-) -> tuple[Verdict, str | None]:
-    """The verdict the evidence supports, and why when it is ``failed`` or unexpected."""
-    if result.action_result != "Success":
-        detail = f": {result.action_details}" if result.action_details else ""
-        return Verdict.FAILED, f"action event result {result.action_result}{detail}"
-    if result.dump_saved:
-        return _check_vmcore(result)
-    if result.panicked:
-        return Verdict.PANIC_NO_DUMP, _dump_failure(result, console)
-    if result.nmi_received and guest_running:
+def decide(result: ScenarioResult, evidence: ApiEvidence) -> tuple[Verdict, str | None]:
+    """The verdict the API's evidence supports, and why when it is ``failed`` or unexpected."""
+    trigger = evidence.event(CRASH_DUMP_EVENT) or {}
+    if trigger.get("result") != "Success":
+        detail = f": {trigger['details']}" if trigger.get("details") else ""
+        return Verdict.FAILED, f"action event result {trigger.get('result')}{detail}"
+    dump = evidence.dump
+    if dump is None:
+        return Verdict.FAILED, "the API followed no crash dump after the NMI"
+    error = dump.get("error") or "no reason given"
+    if dump["state"] == "verified":
+        return _check_download(result, evidence, dump)
+    if dump["state"] != "failed":
+        return Verdict.FAILED, f"the crash dump was still {dump['state']} when the wait ended"
+    if evidence.dump_saved:
+        return Verdict.FAILED, f"a dump arrived but failed verification: {error}"
+    if evidence.panic_observed:
+        reason = None
+        if result.variant is ImageVariant.KDUMP:
+            reason = f"the guest panicked but no dump was collected: {error}"
+        return Verdict.PANIC_NO_DUMP, reason
+    if evidence.nmi_logged and evidence.guest_running:
         return Verdict.NMI_IGNORED, None
-    if result.nmi_received:
+    if evidence.nmi_logged:
         return Verdict.FAILED, "the guest logged the NMI, did not panic, and stopped"
-    return Verdict.FAILED, result.reason or "no NMI reached the guest's console"
+    return Verdict.FAILED, f"no sign that the NMI reached the guest: {error}"
 
 
-def _check_vmcore(result: ScenarioResult) -> tuple[Verdict, str | None]:
-    vmcore = result.vmcore
-    if vmcore is None:
-        return Verdict.FAILED, "the console says the dump was saved, but there is no vmcore"
+def _check_download(
+    result: ScenarioResult, evidence: ApiEvidence, dump: dict[str, Any]
+) -> tuple[Verdict, str | None]:
+    got = evidence.download
+    if got is None or got.vmcore is None:
+        why = got.error if got else "it was not downloaded"
+        return Verdict.FAILED, f"the API says verified, but its vmcore does not read: {why}"
+    vmcore, expected = got.vmcore, (dump.get("vmcore") or {}).get("sha256")
+    if got.sha256 != expected:
+        return Verdict.FAILED, (
+            f"the downloaded vmcore's sha256 is {got.sha256}, the API's is {expected}"
+        )
     if vmcore.format != "kdump-compressed":
         return Verdict.FAILED, f"the vmcore is a {vmcore.format} file, not kdump-compressed"
     if vmcore.kernel_release != result.guest_kernel_release:
@@ -327,16 +437,12 @@ def _check_vmcore(result: ScenarioResult) -> tuple[Verdict, str | None]:
     return Verdict.DUMP_VERIFIED, None
 
 
-def _dump_failure(result: ScenarioResult, console: str) -> str | None:
-    if result.variant is not ImageVariant.KDUMP:
-        return None
-    if failed := re.search(rf"{DUMP_FAILED_MARKER}.*", console):
-        return f"the crash kernel could not save the dump ({failed.group(0)})"
-    return result.reason or "the guest panicked but the crash kernel saved no dump"
+def _time(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value)
 
 
-def _seen(guest: Guest, pattern: str, start: int) -> float:
-    found = guest.console.find(pattern, start)
+def _seen(guest: Guest, pattern: str) -> float:
+    found = guest.console.find(pattern, 0)
     assert found is not None
     return found[1]
 

@@ -35,10 +35,11 @@ def render_report(result: ScenarioResult) -> str:
         ("NMI received", _yes(result.nmi_received)),
         ("panicked", _yes(result.panicked) + _after(s.trigger_to_panic, "the trigger", 2)),
         ("dump saved", _yes(result.dump_saved) + _after(s.panic_to_dump, "the panic")),
+        ("crash dump", _dump(result)),
     ]
     if vmcore:
         rows += [
-            ("vmcore", f"{vmcore.path} ({vmcore.bytes / 1e6:.1f} MB)"),
+            ("vmcore", f"{vmcore.path} ({vmcore.bytes / 1e6:.1f} MB, downloaded)"),
             ("vmcore format", vmcore.format),
             ("vmcore kernel", _match(vmcore.kernel_release, result.guest_kernel_release)),
             ("panic message", _or(vmcore.panic_message)),
@@ -60,7 +61,7 @@ def render_report(result: ScenarioResult) -> str:
 
 def render_summary(results: Sequence[ScenarioResult]) -> str:
     """The matrix as one table, then one line saying whether it all passed."""
-    headers = ["via", "variant", "verdict", "expected", "ok", "boot"]
+    headers = ["via", "variant", "verdict", "expected", "ok", "dump", "boot"]
     headers += ["trigger→panic", "panic→dump", "vmcore kernel", "total"]
     rows = [
         [
@@ -69,6 +70,7 @@ def render_summary(results: Sequence[ScenarioResult]) -> str:
             r.verdict.value,
             r.expected_verdict.value,
             "PASS" if r.ok else "FAIL",
+            _or(r.dump_state),
             _secs(r.seconds.boot),
             _secs(r.seconds.trigger_to_panic, digits=2),
             _secs(r.seconds.panic_to_dump),
@@ -88,6 +90,14 @@ def render_summary(results: Sequence[ScenarioResult]) -> str:
     table.append(f"{len(results) - len(failed)}/{len(results)} scenarios gave the expected verdict")
     table += [f"  {r.via}/{r.variant}: {r.verdict}: {r.reason}" for r in failed]
     return "\n".join(table)
+
+
+def _dump(result: ScenarioResult) -> str:
+    """The crash dump the API followed: its id, its state and, when it failed, why."""
+    if result.dump_id is None:
+        return "-"
+    text = f"{result.dump_id} ({result.dump_state})"
+    return text + (f": {result.dump_error}" if result.dump_error else "")
 
 
 def _or(value: str | None) -> str:

@@ -9,6 +9,7 @@ from scenarios.benchmarks import (
     ipmi_fleet,
     load,
     noisy_neighbour,
+    proof_time,
     redfish_fleet,
     scenario_cost,
     vbmc_guests,
@@ -25,4 +26,5 @@ REGISTRY: tuple[Benchmark, ...] = (
     footprint.BENCHMARK,
     load.BENCHMARK,
     scenario_cost.BENCHMARK,
+    proof_time.BENCHMARK,
 )

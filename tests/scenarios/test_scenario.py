@@ -1,4 +1,4 @@
-"""``crashlab scenario`` end to end: real guests, emulators, API and vmcores."""
+"""``crashlab scenario`` end to end: real guests, emulators, API and the vmcores it downloads."""
 
 from __future__ import annotations
 
@@ -74,6 +74,9 @@ def test_scenario_all_gives_every_expected_verdict(
         assert r["action_result"] == "Success"
         assert r["nmi_received"] is True
         assert not domain_exists(libvirt_conn, r["domain"])
+        assert r["dump_id"] and r["dump_state"] == (
+            "verified" if r["variant"] == "kdump" else "failed"
+        )
         if r["variant"] == "kdump":
             assert_verified_vmcore(r)
         else:
@@ -107,6 +110,7 @@ def test_scenario_against_a_running_api(
     assert report["verdict"] == "panic-no-dump"
     assert report["api_url"] == server.url
     assert report["action_result"] == "Success"
+    assert report["dump_state"] == "failed" and report["panicked"] is True
 
 
 def test_unreachable_api_fails_before_booting(tmp_path: Path) -> None:
