@@ -171,13 +171,18 @@ class Backends:
         settings = {"domain": domain} if uri is None else {"domain": domain, "uri": uri}
         return cls(server.uuid, cls.parse_settings(settings))
 
-    def bulkhead(self, driver: Driver) -> Bulkhead:
+    def bulkhead(self, driver: Driver, lane: str = "") -> Bulkhead:
+        """The backend's bulkhead; a ``lane`` is a separate one beside it.
+
+        Memory captures run in their own lane ("capture"): each holds a thread
+        for seconds, and must not queue the NMIs and reads of the other servers
+        on the same hypervisor behind it.
+        """
+        key = f"{driver.backend_id}#{lane}" if lane else driver.backend_id
         with self._lock:
-            bulkhead = self._bulkheads.get(driver.backend_id)
+            bulkhead = self._bulkheads.get(key)
             if bulkhead is None:
-                bulkhead = self._bulkheads[driver.backend_id] = Bulkhead(
-                    driver.backend_id, self.config
-                )
+                bulkhead = self._bulkheads[key] = Bulkhead(key, self.config)
             return bulkhead
 
     def forget(self, server_uuid: str) -> None:

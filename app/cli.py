@@ -91,8 +91,34 @@ def add_commands(commands: Commands) -> None:
         action="store_true",
         help="wait for the NMI's result, then for the crash dump to be verified or failed",
     )
+    trigger.add_argument(
+        "--require-armed",
+        action="store_true",
+        help="send only if the server's crash readiness is armed (checked afresh)",
+    )
+    trigger.add_argument(
+        "--allow-unknown", action="store_true", help="with --require-armed: send if unknown too"
+    )
     trigger.add_argument("--timeout", type=float, default=600.0)
     trigger.set_defaults(handler=_trigger_crash)
+
+    readiness = commands.add_parser(
+        "readiness", help="would an NMI leave a dump? armed, not-armed or unknown"
+    )
+    _client_flags(readiness)
+    readiness.add_argument("server", help="name or uuid")
+    readiness.add_argument("--refresh", action="store_true", help="check afresh, bounded")
+    readiness.set_defaults(handler=_readiness)
+
+    capture = commands.add_parser(
+        "capture", help="dump a server's memory from its hypervisor (admin; libvirt)"
+    )
+    _client_flags(capture)
+    capture.add_argument("server", help="name or uuid")
+    capture.add_argument("--then", choices=("resume", "nmi", "destroy"), default="resume")
+    capture.add_argument("--wait", action="store_true", help="wait until it is verified or not")
+    capture.add_argument("--timeout", type=float, default=300.0)
+    capture.set_defaults(handler=_capture)
 
     dump = commands.add_parser("dump", help="crash dumps").add_subparsers(title="dump commands")
     dump_list = dump.add_parser("list", help="list a server's crash dumps, newest first")
@@ -194,7 +220,9 @@ def _support_matrix(_args: argparse.Namespace) -> int:
 def _trigger_crash(args: argparse.Namespace) -> int:
     client = _client(args)
     server = client.find_server(args.server)
-    request_id = client.trigger_crash_dump(server["id"])
+    request_id = client.trigger_crash_dump(
+        server["id"], require_armed=args.require_armed, allow_unknown=args.allow_unknown
+    )
     if not args.wait:
         _print(
             args, {"server_id": server["id"], "request_id": request_id}, f"Accepted: {request_id}"
@@ -227,6 +255,32 @@ def _trigger_crash(args: argparse.Namespace) -> int:
     )
     _print(args, report, text)
     return 0 if dump["state"] == "verified" else 1
+
+
+def _readiness(args: argparse.Namespace) -> int:
+    client, server_id = _client_and_server(args)
+    readiness = client.get_readiness(server_id, refresh=args.refresh)
+    lines = [f"{readiness['verdict']} (checked {readiness['checked_at'] or 'never'})"]
+    lines += [f"  reason: {reason}" for reason in readiness["reasons"]]
+    lines += [
+        f"  {name} = {fact['value']!r}  [{fact['source']}]"
+        for name, fact in readiness["facts"].items()
+    ]
+    _print(args, readiness, "\n".join(lines))
+    return 0 if readiness["verdict"] == "armed" else 1
+
+
+def _capture(args: argparse.Namespace) -> int:
+    client, server_id = _client_and_server(args)
+    dump = client.capture_memory_dump(server_id, then=args.then)
+    if args.wait:
+        _progress(args, f"crash dump {dump['id']}: {dump['state']}")
+        dump = client.wait_for_capture(server_id, dump["id"], timeout=args.timeout)
+    text = f"crash dump {dump['id']}: {dump['state']}" + (
+        f" ({dump['error']})" if dump.get("error") else ""
+    )
+    _print(args, dump, text)
+    return 0 if dump["state"] in ("verified", "capturing") else 1
 
 
 def _details(event: dict[str, Any]) -> str:

@@ -20,6 +20,8 @@ from drivers.base import is_uuid
 MICROVERSION = "2.17"
 # A crash dump in one of these states is followed no further (app/follower.py).
 TERMINAL_DUMP_STATES = frozenset({"verified", "failed"})
+# A host-side capture's states before its terminal one (its "collected" is terminal).
+CAPTURE_RUNNING_STATES = frozenset({"capturing", "verifying"})
 
 
 class ClientError(Exception):
@@ -204,12 +206,59 @@ class CrashlabClient:
             raise ClientError(404, f"{reason} with a name or ID of '{name_or_id}' exists.")
         return matches[0]
 
-    def trigger_crash_dump(self, server_id: str) -> str:
-        """Returns the request id, which names the instance action."""
-        response = self.request(
-            "POST", f"/servers/{server_id}/action", json={"trigger_crash_dump": None}
-        )
+    def trigger_crash_dump(
+        self, server_id: str, *, require_armed: bool = False, allow_unknown: bool = False
+    ) -> str:
+        """Returns the request id, which names the instance action.
+
+        ``require_armed`` sends through crashlab's guarded trigger, which
+        refuses (409) a server whose crash readiness is not armed.
+        """
+        if not require_armed:
+            response = self.request(
+                "POST", f"/servers/{server_id}/action", json={"trigger_crash_dump": None}
+            )
+        else:
+            options = {"require_armed": True, "allow_unknown": allow_unknown}
+            response = self.request(
+                "POST",
+                f"/crashlab/servers/{server_id}/action",
+                json={"trigger_crash_dump": options},
+            )
         return response.headers["x-openstack-request-id"]
+
+    def get_readiness(self, server_id: str, *, refresh: bool = False) -> dict[str, Any]:
+        """The server's crash readiness: the last check, or a fresh one."""
+        params = {"refresh": "true"} if refresh else {}
+        readiness: dict[str, Any] = self.request(
+            "GET", f"/crashlab/servers/{server_id}/crash-readiness", params=params
+        ).json()["crash_readiness"]
+        return readiness
+
+    def capture_memory_dump(self, server_id: str, then: str = "resume") -> dict[str, Any]:
+        """Start a host-side memory capture; returns its crash dump, still capturing."""
+        dump: dict[str, Any] = self.request(
+            "POST",
+            f"/crashlab/servers/{server_id}/action",
+            json={"capture_memory_dump": {"then": then}},
+        ).json()["crash_dump"]
+        return dump
+
+    def wait_for_capture(
+        self, server_id: str, dump_id: str, timeout: float = 300.0
+    ) -> dict[str, Any]:
+        """The capture's crash dump once it is verified, collected or failed."""
+
+        def finished() -> dict[str, Any] | None:
+            dump = self.get_crash_dump(server_id, dump_id)
+            return None if dump["state"] in CAPTURE_RUNNING_STATES else dump
+
+        return poll_until(
+            finished,
+            timeout=timeout,
+            poll=0.5,
+            what=f"the capture {dump_id} was not done within {timeout:g} s",
+        )
 
     def list_actions(self, server_id: str) -> list[dict[str, Any]]:
         actions: list[dict[str, Any]] = self.request(

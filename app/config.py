@@ -161,6 +161,31 @@ class PowerSyncConfig(_Strict):
     interval_seconds: float = Field(10.0, gt=0, le=86400)
 
 
+class ReadinessConfig(_Strict):
+    """The crash readiness checks (app/readiness.py), refreshed in the background."""
+
+    interval_seconds: float = Field(60.0, gt=0, le=86400)
+    timeout_seconds: float = Field(10.0, gt=0, le=120, description="bound on one check")
+
+
+class CaptureConfig(_Strict):
+    """Host-side memory captures (app/capture.py)."""
+
+    timeout_seconds: float = Field(300.0, gt=0, le=86400, description="then it is aborted")
+
+
+class CollectorConfig(_Strict):
+    """The dump collector (app/collector.py): a private sshd that receives vmcores
+    sent the way kdump-tools sends them over SSH, for servers with an ``ssh`` target."""
+
+    enabled: bool = Field(False, description="run it; needed by any server with an ssh target")
+    address: str = Field("127.0.0.1", description="it listens here only")
+    port: int = Field(8022, ge=1, le=65535)
+    directory: Path | None = Field(None, description="default: collector/ beside the state file")
+    max_dump_bytes: int = Field(16 * 2**30, ge=1, description="one upload may not exceed this")
+    sshd: Path = Field(Path("/usr/sbin/sshd"), description="OpenSSH's server")
+
+
 class CrashDumpsConfig(_Strict):
     """Following each dump after its NMI (app/follower.py), and keeping the vmcores."""
 
@@ -198,6 +223,9 @@ class Config(_Strict):
     )
     nmi_guard: NMIGuardConfig = Field(default_factory=NMIGuardConfig)
     crash_dumps: CrashDumpsConfig = Field(default_factory=CrashDumpsConfig)
+    readiness: ReadinessConfig = Field(default_factory=ReadinessConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    collector: CollectorConfig = Field(default_factory=CollectorConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     servers: list[ServerConfig] = []
 
@@ -229,6 +257,8 @@ class Config(_Strict):
                 raise ValueError(f"{where}.project_id: unknown project {server.project_id!r}")
             if self.identity.user_by_name_or_id(server.user_id) is None:
                 raise ValueError(f"{where}.user_id: unknown user {server.user_id!r}")
+            if (server.dump_target or {}).get("type") == "ssh" and not self.collector.enabled:
+                raise ValueError(f"{where}.dump_target: an ssh target needs collector.enabled")
             try:
                 driver_class(server.driver).parse_settings(server.driver_info)
             except UnknownDriver as exc:

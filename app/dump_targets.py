@@ -8,6 +8,10 @@ Each server has a ``dump_target`` in the inventory, beside its
   stream is complete. ``uri`` and ``domain`` default to the server's own for
   libvirt servers; ``device`` is the disk's target dev in the domain XML. The
   disk is read as a file on this host, so the URI must be a local one.
+- ``ssh``: the crash kernel sends the dump over SSH, as kdump-tools' SSH mode
+  does, to crashlab's collector (app/collector.py), with the server's own key
+  (made at registration; ``GET .../dump-target/key``). crashlab reads neither
+  the server's disk nor its console: the dump that arrives is the proof.
 - ``console-only``: the panic is observed and the dump is ``failed`` with "no
   dump target configured".
 - ``none``: Nova's behaviour; nothing is followed after the NMI.
@@ -63,6 +67,10 @@ class DiskTarget(_Strict):
         return str(uri)
 
 
+class SshTarget(_Strict):
+    type: Literal["ssh"]
+
+
 class ConsoleOnlyTarget(_Strict):
     type: Literal["console-only"]
 
@@ -71,7 +79,9 @@ class NoTarget(_Strict):
     type: Literal["none"]
 
 
-DumpTarget = Annotated[DiskTarget | ConsoleOnlyTarget | NoTarget, Field(discriminator="type")]
+DumpTarget = Annotated[
+    DiskTarget | SshTarget | ConsoleOnlyTarget | NoTarget, Field(discriminator="type")
+]
 DUMP_TARGET = TypeAdapter(DumpTarget)
 
 
@@ -83,7 +93,9 @@ class DumpTimeouts(_Strict):
     verify: float = Field(120.0, gt=0, le=3600)
 
 
-def parse_target(raw: dict[str, Any] | None) -> DiskTarget | ConsoleOnlyTarget | NoTarget:
+def parse_target(
+    raw: dict[str, Any] | None,
+) -> DiskTarget | SshTarget | ConsoleOnlyTarget | NoTarget:
     return DUMP_TARGET.validate_python({"type": "none"} if raw is None else raw)
 
 
@@ -135,6 +147,8 @@ class Evidence:
     boot_kernel_release: str | None = None
     disk: str | None = None
     disk_fingerprint: str | None = None
+    # An ssh target's upload directory in the collector.
+    upload_dir: str | None = None
     problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:

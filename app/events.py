@@ -1,7 +1,9 @@
-"""The names of the events of a trigger_crash_dump instance action, in the order they run.
+"""The names of crashlab's instance actions' events, in the order they run.
 
-The first is Nova's; the three after it are crashlab's, following the dump
-that the NMI caused (app/follower.py).
+A trigger_crash_dump's first event is Nova's; the three after it are
+crashlab's, following the dump that the NMI caused (app/follower.py). A
+host-side memory capture (app/capture.py) is an action of its own, with its
+capture event and then the verify event.
 """
 
 CRASH_DUMP_EVENT = "compute_trigger_crash_dump"
@@ -9,3 +11,6 @@ OBSERVE_PANIC_EVENT = "crashlab_observe_panic"
 COLLECT_DUMP_EVENT = "crashlab_collect_dump"
 VERIFY_DUMP_EVENT = "crashlab_verify_dump"
 FOLLOW_EVENTS = (OBSERVE_PANIC_EVENT, COLLECT_DUMP_EVENT, VERIFY_DUMP_EVENT)
+
+CAPTURE_ACTION = "crashlab_capture_memory_dump"
+CAPTURE_EVENT = "crashlab_capture_memory_dump"

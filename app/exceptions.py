@@ -16,6 +16,7 @@ One handler in ``app.api.faults`` formats them all as Nova does:
      │    ├── InstanceNotFound          "Instance <uuid> could not be found."
      │    ├── InstanceActionNotFound
      │    ├── CrashDumpNotFound         "Crash dump <id> of instance <uuid> could not be found."
+     │    ├── NoSshDumpTarget           the server's dump target is not ssh: it has no key
      │    └── NoVmcore                  the dump has no vmcore (yet, or ever)
      ├── NotAcceptable              406 computeFault (Nova has no name for 406)
      │    └── VersionNotSupported       "Version X is not supported by the API. ..."
@@ -135,6 +136,11 @@ class InstanceActionNotFound(NotFound):
 class CrashDumpNotFound(NotFound):
     def __init__(self, dump_id: str, instance_uuid: str) -> None:
         super().__init__(f"Crash dump {dump_id} of instance {instance_uuid} could not be found.")
+
+
+class NoSshDumpTarget(NotFound):
+    def __init__(self, instance_uuid: str) -> None:
+        super().__init__(f"Instance {instance_uuid} has no ssh dump target.")
 
 
 class NoVmcore(NotFound):

@@ -31,6 +31,7 @@ import datetime as dt
 import logging
 import re
 import shutil
+import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from app.dump_targets import (
     DiskTarget,
     DomainFiles,
     Evidence,
+    SshTarget,
     domain_files,
     fingerprint,
     mark_evidence,
@@ -51,6 +53,7 @@ from app.dump_targets import (
 )
 from app.events import COLLECT_DUMP_EVENT, OBSERVE_PANIC_EVENT, VERIFY_DUMP_EVENT
 from app.store import ActionEvent, CrashDump, Server, Store, utcnow
+from app.uploads import CLAIMED_STREAM, Upload, claim, scan
 from app.vmcore import (
     VmcoreError,
     extract_vmcore,
@@ -72,6 +75,7 @@ NMI_PANIC = re.compile(r"\bNMI\b")
 
 NO_TARGET = "no dump target configured"
 NOTHING_AT_ALL = "no panic seen and no dump arrived"
+UNATTRIBUTED = "no crash dump of this server was pending when this dump arrived"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class CrashDumpFollower:
         owner: str,
         host: str,
         mark_timeout: float,
+        uploads: Path | None = None,
     ) -> None:
         self.store = store
         self.backends = backends
@@ -107,6 +112,8 @@ class CrashDumpFollower:
         self.owner = owner
         self.host = host
         self.mark_timeout = mark_timeout
+        # The collector's upload directories (app/collector.py); None without a collector.
+        self.uploads = uploads
         self._tasks: set[asyncio.Task[None]] = set()
 
     # Before the NMI
@@ -118,6 +125,10 @@ class CrashDumpFollower:
     async def mark(self, server: Server) -> Evidence:
         """Where to look, and what was there, just before the NMI; bounded."""
         target = parse_target(server.dump_target)
+        if isinstance(target, SshTarget):
+            if self.uploads is None:
+                return Evidence(problem="crashlab's dump collector is not running")
+            return Evidence(upload_dir=str(self.uploads / server.uuid))
         device = target.device if isinstance(target, DiskTarget) else None
         domain = target.domain if isinstance(target, DiskTarget) else None
         uri = target.uri if isinstance(target, DiskTarget) else None
@@ -158,6 +169,68 @@ class CrashDumpFollower:
                 await self.resume_orphans(await asyncio.to_thread(live_owners))
             except Exception:
                 LOG.exception("resuming orphaned crash dumps failed")
+
+    async def keep_collecting_unattributed(self, interval: float) -> None:
+        """Keep the dumps that arrive with no NMI pending, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.collect_unattributed)
+            except Exception:
+                LOG.exception("collecting unattributed dumps failed")
+
+    def collect_unattributed(self) -> int:
+        """Dumps at the collector of servers with no dump pending, each kept as its own record.
+
+        Such a dump is tied to no request (``request_id`` null), so only admins see it.
+        """
+        if self.uploads is None:
+            return 0
+        kept = 0
+        for server in self.store.list_servers():
+            if not isinstance(parse_target(server.dump_target), SshTarget):
+                continue
+            arrived = scan(self.uploads / server.uuid).complete
+            if arrived and not self.store.has_pending_dump(server.uuid):
+                kept += sum(self._keep_unattributed(server, upload) for upload in arrived)
+        return kept
+
+    def _keep_unattributed(self, server: Server, upload: Upload) -> int:
+        assert self.uploads is not None
+        dump_id = str(uuidlib.uuid4())
+        where = upload.relative_to(self.uploads / server.uuid)
+        error = f"{UNATTRIBUTED}: {where}"
+        # The record first: retention removes any dump directory without one.
+        self.store.add_unattributed_dump(
+            dump_id,
+            server.uuid,
+            state="collecting",
+            evidence=Evidence(upload_dir=str(self.uploads / server.uuid)).as_dict(),
+            error=error,
+        )
+        stream = claim(upload, self.dump_dir(dump_id), dump_id)
+        if stream is None:  # the follower of a new NMI took it first
+            self.store.forget_crash_dump(dump_id)
+            return 0
+        timeout = parse_timeouts(server.dump_timeouts).verify
+        try:
+            restored = restore(stream, self.dump_dir(dump_id), timeout)
+        except VmcoreError as failure:
+            error = f"{error}; the dump could not be restored: {failure.message}"
+            self.store.set_dump_state(dump_id, "failed", error=error)
+        else:
+            self.store.record_vmcore(
+                dump_id,
+                state="collected",
+                vmcore=restored.facts,
+                panic=restored.panic,
+                stored_bytes=restored.stored_bytes + stream.stat().st_size,
+                error=error,
+            )
+        LOG.warning(
+            "crash dump %s of %s arrived with no NMI pending: %s", dump_id, server.uuid, where
+        )
+        return 1
 
     async def follow(self, dump: CrashDump) -> None:
         try:
@@ -223,6 +296,8 @@ class _Run:
         self.store = follower.store
         self.dump = dump
         self.server = server
+        assert dump.action_id is not None and dump.request_id is not None, "followed: an NMI's"
+        self.action_id, self.request_id = dump.action_id, dump.request_id
         self.evidence = Evidence.from_dict(dump.evidence)
         self.target = parse_target(server.dump_target)
         self.timeouts = parse_timeouts(server.dump_timeouts)
@@ -230,7 +305,7 @@ class _Run:
 
     async def events_so_far(self) -> None:
         action = await asyncio.to_thread(
-            self.store.get_action, self.dump.server_id, self.dump.request_id
+            self.store.get_action, self.dump.server_id, self.request_id
         )
         if action is not None:
             self.events = {event.event: event for event in action.events}
@@ -248,6 +323,8 @@ class _Run:
         return outcome.ok
 
     async def collect_dump(self, panicked: bool) -> bool:
+        if isinstance(self.target, SshTarget):
+            return await self._collect_upload(panicked)
         if not isinstance(self.target, DiskTarget):
             await self._phase(COLLECT_DUMP_EVENT, 0, lambda: Outcome(False, NO_TARGET), None)
             await self._state("failed", NO_TARGET)
@@ -265,6 +342,21 @@ class _Run:
             await self._state("collected")
         else:
             await self._state("failed", outcome.details)
+        return outcome.ok
+
+    async def _collect_upload(self, panicked: bool) -> bool:
+        if self.evidence.upload_dir is None:
+            problem = self.evidence.problem or "the server has no upload directory"
+            await self._phase(COLLECT_DUMP_EVENT, 0, lambda: Outcome(False, problem), None)
+            await self._state("failed", problem)
+            return False
+        watch = UploadWatch(self, Path(self.evidence.upload_dir))
+        outcome = await self._phase(
+            COLLECT_DUMP_EVENT, self.timeouts.collect, watch.poll, lambda: watch.timed_out(panicked)
+        )
+        await self._state(
+            "collected" if outcome.ok else "failed", None if outcome.ok else outcome.details
+        )
         return outcome.ok
 
     async def verify_dump(self) -> None:
@@ -321,7 +413,7 @@ class _Run:
         if event is None:
             event_id = await asyncio.to_thread(
                 self.store.start_event,
-                self.dump.action_id,
+                self.action_id,
                 name,
                 host=self.f.host,
                 owner=self.f.owner,
@@ -398,54 +490,143 @@ class _DiskWatch:
         return Outcome(False, f"no dump arrived within {self.run.timeouts.collect:g} s")
 
 
+class UploadWatch:
+    """An ssh target's upload directory, polled: has a complete dump arrived since the NMI?
+
+    A dump is this NMI's candidate when it was written after the NMI was sent
+    (less the clock skew); its CRASHTIME decides in verification.
+    """
+
+    def __init__(self, run: _Run, directory: Path) -> None:
+        self.run = run
+        self.directory = directory
+        assert run.dump.nmi_sent_at is not None
+        skew = dt.timedelta(seconds=run.f.config.clock_skew_seconds)
+        self.since = run.dump.nmi_sent_at - skew
+        self.last: tuple[str, int] | None = None
+        self.last_change = utcnow()
+        self.collecting = False
+
+    def poll(self) -> Outcome | None:
+        claimed = self.run.f.dump_dir(self.run.dump.id) / CLAIMED_STREAM
+        if claimed.exists():
+            # Claimed before a restart, which came before the event could end.
+            return Outcome(True, f"a complete dump of {claimed.stat().st_size} bytes arrived")
+        found = scan(self.directory)
+        for upload in found.complete:
+            if upload.modified < self.since:
+                continue
+            into = self.run.f.dump_dir(self.run.dump.id)
+            if claim(upload, into, self.run.dump.id) is not None:
+                where = upload.relative_to(self.directory)
+                return Outcome(True, f"a complete dump of {upload.bytes} bytes arrived: {where}")
+        fresh = [upload for upload in found.incomplete if upload.modified >= self.since]
+        if not fresh:
+            return None
+        if not self.collecting:
+            self.collecting = True
+            self.run.store.set_dump_state(self.run.dump.id, "collecting")
+        upload = fresh[-1]
+        now = (upload.relative_to(self.directory), upload.bytes)
+        if now != self.last:
+            self.last, self.last_change = now, utcnow()
+        stalled = (utcnow() - self.last_change).total_seconds()
+        if stalled >= self.run.f.config.stall_seconds:
+            return Outcome(
+                False,
+                f"incomplete dump: the upload {now[0]} stopped at {now[1]} bytes "
+                f"{stalled:.0f} s ago",
+            )
+        return None
+
+    def timed_out(self, panicked: bool) -> Outcome:
+        if self.collecting and self.last is not None:
+            return Outcome(
+                False,
+                f"incomplete dump: {self.last[1]} bytes of {self.last[0]}, not complete in time",
+            )
+        return Outcome(
+            False, f"no dump arrived at the collector within {self.run.timeouts.collect:g} s"
+        )
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restored vmcore says of itself."""
+
+    facts: dict[str, Any]
+    crash_time: dt.datetime | None
+    panic_message: str | None
+    panic: dict[str, Any] | None
+    stored_bytes: int
+
+
+def restore(stream: Path, out_dir: Path, timeout: float) -> Restored:
+    """Restore a flattened stream into ``out_dir/vmcore`` and read it; VmcoreError if it cannot."""
+    vmcore = extract_vmcore(stream, out_dir / "vmcore", timeout=timeout)
+    dmesg = read_dmesg(vmcore.path, timeout=timeout)
+    (out_dir / "dmesg").write_text(dmesg)
+    facts = {
+        "format": vmcore.format,
+        "bytes": vmcore.bytes,
+        "sha256": sha256_of(vmcore.path),
+        "kernel_release": vmcore.vmcoreinfo.get("OSRELEASE", vmcore.kernel_release),
+        "build_id": vmcore.build_id,
+        "crash_time": None if vmcore.crash_time is None else _iso(vmcore.crash_time),
+    }
+    panic = (
+        {
+            "message": f"Kernel panic - not syncing: {vmcore.panic_message}",
+            "log_tail": _tail(dmesg),
+        }
+        if vmcore.panic_message
+        else None
+    )
+    return Restored(
+        facts, vmcore.crash_time, vmcore.panic_message, panic, vmcore.bytes + len(dmesg)
+    )
+
+
 class _Verification:
     """Restore the stream, read what the vmcore says of itself, and judge it."""
 
     def __init__(self, dump_run: _Run) -> None:
         self.dump_run = dump_run
 
+    def stream(self) -> Path:
+        """The disk, or the upload claimed into the dump's directory."""
+        run = self.dump_run
+        if run.evidence.disk is not None:
+            return Path(run.evidence.disk)
+        return run.f.dump_dir(run.dump.id) / CLAIMED_STREAM
+
     def run(self) -> Outcome:
         run = self.dump_run
         out_dir = run.f.dump_dir(run.dump.id)
-        assert run.evidence.disk is not None
         try:
-            vmcore = extract_vmcore(
-                Path(run.evidence.disk), out_dir / "vmcore", timeout=run.timeouts.verify
-            )
+            restored = restore(self.stream(), out_dir, run.timeouts.verify)
         except VmcoreError as error:
             return Outcome(False, f"the dump could not be restored: {error.message}")
-        dmesg = read_dmesg(vmcore.path, timeout=run.timeouts.verify)
-        (out_dir / "dmesg").write_text(dmesg)
-        facts = {
-            "format": vmcore.format,
-            "bytes": vmcore.bytes,
-            "sha256": sha256_of(vmcore.path),
-            "kernel_release": vmcore.vmcoreinfo.get("OSRELEASE", vmcore.kernel_release),
-            "build_id": vmcore.build_id,
-            "crash_time": None if vmcore.crash_time is None else _iso(vmcore.crash_time),
-        }
-        panic = (
-            {
-                "message": f"Kernel panic - not syncing: {vmcore.panic_message}",
-                "log_tail": _tail(dmesg),
-            }
-            if vmcore.panic_message
-            else None
-        )
-        reason = self.judge(facts, vmcore.crash_time, vmcore.panic_message)
+        # An upload's stream stays until retention removes the dump: a verification
+        # resumed after a restart reads it again. Its bytes count.
+        stored = restored.stored_bytes
+        if run.evidence.upload_dir is not None:
+            stored += self.stream().stat().st_size
+        facts = restored.facts
+        reason = self.judge(facts, restored.crash_time, restored.panic_message)
         run.store.record_vmcore(
             run.dump.id,
             state="collected",
             vmcore=facts,
-            panic=panic,
-            stored_bytes=vmcore.bytes + len(dmesg),
+            panic=restored.panic,
+            stored_bytes=stored,
         )
         if reason:
             return Outcome(False, reason)
         return Outcome(
             True,
             f"a {facts['format']} vmcore of {facts['kernel_release']}, crashed at "
-            f"{facts['crash_time']}, panic: {vmcore.panic_message}",
+            f"{facts['crash_time']}, panic: {restored.panic_message}",
         )
 
     def judge(
@@ -456,6 +637,7 @@ class _Verification:
         if expected is not None and facts["kernel_release"] != expected:
             return f"the vmcore's kernel is {facts['kernel_release']}, expected {expected}"
         skew = dt.timedelta(seconds=run.f.config.clock_skew_seconds)
+        assert run.dump.nmi_sent_at is not None
         sent = run.dump.nmi_sent_at.replace(tzinfo=dt.UTC)
         if crash_time is None:
             return "the vmcore has no CRASHTIME, so it cannot be tied to this NMI"

@@ -16,6 +16,7 @@ import socket
 import uuid
 from pathlib import Path
 
+from app.capture import ORPHANED_DETAILS as CAPTURE_ORPHANED_DETAILS
 from app.events import CRASH_DUMP_EVENT
 from app.store import ServiceLease, Store, utcnow
 
@@ -75,10 +76,10 @@ class ProcessLease:
         }
 
     def fail_orphaned_events(self) -> int:
-        """Fail the running NMI events of every process that is no longer alive."""
-        return self.store.fail_orphaned_events(
-            self.live_owners(), ORPHANED_DETAILS, CRASH_DUMP_EVENT
-        )
+        """Fail the running NMI events and captures of every process no longer alive."""
+        live = self.live_owners()
+        captures = self.store.fail_orphaned_captures(live, CAPTURE_ORPHANED_DETAILS)
+        return captures + self.store.fail_orphaned_events(live, ORPHANED_DETAILS, CRASH_DUMP_EVENT)
 
     async def keep(self) -> None:
         """Renew the lease and reap orphaned events, until cancelled."""

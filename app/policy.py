@@ -46,6 +46,12 @@ CRASH_DUMPS_LIST = "os_compute_api:crashlab:crash_dumps:list"
 CRASH_DUMPS_SHOW = "os_compute_api:crashlab:crash_dumps:show"
 CRASH_DUMPS_DOWNLOAD = "os_compute_api:crashlab:crash_dumps:download"
 # The extension trigger's options: "ignore_nmi_guard": true.
+CRASH_READINESS_SHOW = "os_compute_api:crashlab:crash_readiness:show"
+REQUIRE_ARMED = "os_compute_api:crashlab:trigger_crash_dump:require_armed"
+CAPTURE_MEMORY_DUMP = "os_compute_api:crashlab:capture_memory_dump"
+# The private key of a server's ssh dump target (app/collector.py).
+DUMP_TARGET_KEY = "os_compute_api:crashlab:dump_target_key:show"
+
 BYPASS_NMI_GUARD = "crashlab:nmi_guard:bypass"
 
 _BASE_RULES = [
@@ -84,6 +90,10 @@ _API_RULES = {
     CRASH_DUMPS_LIST: PROJECT_READER_OR_ADMIN,
     CRASH_DUMPS_SHOW: PROJECT_READER_OR_ADMIN,
     CRASH_DUMPS_DOWNLOAD: PROJECT_READER_OR_ADMIN,
+    CRASH_READINESS_SHOW: PROJECT_READER_OR_ADMIN,
+    REQUIRE_ARMED: PROJECT_MEMBER_OR_ADMIN,
+    CAPTURE_MEMORY_DUMP: ADMIN,
+    DUMP_TARGET_KEY: ADMIN,
 }
 
 

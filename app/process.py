@@ -8,6 +8,11 @@ group). Three things make sure none outlives crashlab:
 - a *lifeline*: the child's stdin is a pipe crashlab never writes to. The child
   watches it (``hold_lifeline``) and exits on EOF, which the kernel delivers
   when crashlab dies, even by SIGKILL, when no ``atexit`` hook runs.
+
+A program that is not crashlab's own (the collector's sshd) cannot watch its
+lifeline, so it runs under ``lifeline_argv``: ``python -m app.process -- argv``
+starts it, holds the lifeline for it, and stops it when the lifeline breaks or
+a signal arrives.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def free_port(kind: int = socket.SOCK_STREAM, address: str = "127.0.0.1") -> int
 
 def hold_lifeline() -> None:
     """In the child: exit as soon as the parent's end of stdin closes."""
+    _on_lifeline_break(lambda: os._exit(0))
+
+
+def _on_lifeline_break(then: Callable[[], None]) -> None:
+    """Run ``then`` in a thread of its own once stdin reaches EOF (the parent is gone)."""
 
     def watch() -> None:
         try:
@@ -53,7 +63,7 @@ def hold_lifeline() -> None:
                 pass
         except OSError:
             pass
-        os._exit(0)
+        then()
 
     threading.Thread(target=watch, name="crashlab-lifeline", daemon=True).start()
 
@@ -185,7 +195,29 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def lifeline_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run under a keeper that holds the lifeline on its behalf."""
+    return [sys.executable, "-m", "app.process", "--", *argv]
+
+
+def keep(argv: Sequence[str]) -> int:
+    """In the keeper: run ``argv``; stop it (SIGTERM) when the lifeline breaks or on a signal."""
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def stop(*_: object) -> None:
+        child.terminate()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    _on_lifeline_break(stop)
+    return child.wait()
+
+
 @atexit.register
 def _stop_all() -> None:
     for proc in list(_running):
         proc.stop(timeout=2.0)
+
+
+if __name__ == "__main__":
+    sys.exit(keep(sys.argv[2:] if sys.argv[1:2] == ["--"] else sys.argv[1:]))

@@ -7,10 +7,14 @@ then hand the driver call to the dispatcher. It knows nothing of HTTP.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
+import shutil
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,13 +22,17 @@ from pydantic import ValidationError
 from app import exceptions as exc
 from app import policy as rules
 from app.backends import Backends, encrypt_secrets
+from app.capture import PendingCapture, check_free_space, new_dump_id
+from app.collector import Collector, KeyPair, make_key_pair, public_key_of
 from app.config import Config, IdentityConfig, NMIGuardConfig
 from app.crypto import SecretBox
 from app.dump_targets import DiskTarget, parse_target, parse_timeouts
-from app.events import CRASH_DUMP_EVENT
+from app.events import CAPTURE_ACTION, CRASH_DUMP_EVENT
 from app.policy import Credentials, PolicyEnforcer
+from app.readiness import NOT_ARMED, UNKNOWN, Readiness, ReadinessChecker, stored_readiness
 from app.store import (
     ActionStart,
+    CaptureInProgress,
     CrashDump,
     DumpCoolingDown,
     DumpInProgress,
@@ -38,7 +46,7 @@ from app.store import (
     utcnow,
 )
 from drivers import UnknownDriver, driver_class
-from drivers.base import DriverSettings, PowerState, SettingsSource
+from drivers.base import DriverError, DriverSettings, PowerState, SettingsSource
 
 LOG = logging.getLogger(__name__)
 
@@ -107,12 +115,21 @@ class ComputeService:
         backends: Backends,
         box: SecretBox,
         owner: str,
+        dump_directory: Path,
+        collector: Collector | None = None,
     ) -> None:
         self.config = config
+        # The dump collector (app/collector.py), when the config enables it.
+        self.collector = collector
         self.store = store
         self.policy = policy
         self.backends = backends
         self.box = box
+        self.readiness = ReadinessChecker(
+            store, backends, config.readiness.timeout_seconds, collector
+        )
+        # Where captures are written (app/capture.py), beside the followed dumps' vmcores.
+        self.dump_directory = dump_directory
         # The process lease that owns the events this service starts (app/leases.py).
         self.owner = owner
         self.state_timeout = min(
@@ -174,6 +191,8 @@ class ComputeService:
         *,
         rule: str = rules.TRIGGER_CRASH_DUMP,
         ignore_nmi_guard: bool = False,
+        require_armed: bool = False,
+        allow_unknown: bool = False,
     ) -> PendingCrashDump:
         """Nova's compute API trigger_crash_dump, plus crashlab's NMI storm guard.
 
@@ -182,18 +201,24 @@ class ComputeService:
         in the transaction that records the action.
 
         ``rule`` is the policy rule of the API that was called: Nova's, or the
-        extension's; each option then passes its own rule.
+        extension's; each option then passes its own rule. ``require_armed``
+        checks the server's crash readiness afresh and refuses, recording and
+        sending nothing, unless it is armed (or unknown, with ``allow_unknown``).
         """
         server = self.get_instance(ctx, server_id)
         self.policy.authorize(rule, _target(server), ctx.credentials)
         if ignore_nmi_guard:
             self.policy.authorize(rules.BYPASS_NMI_GUARD, _target(server), ctx.credentials)
+        if require_armed:
+            self.policy.authorize(rules.REQUIRE_ARMED, _target(server), ctx.credentials)
         _check_instance_lock(ctx, server)
         guard = (
             None if ignore_nmi_guard or not self.config.nmi_guard.enabled else self.config.nmi_guard
         )
         if guard is not None:
             self._check_nmi_guard(server, guard)
+        if require_armed:
+            _refuse_unless_armed(server.uuid, self.readiness.check_now(server), allow_unknown)
         view = self.live_view(server)
         if view.vm_state not in ALLOW_TRIGGER_CRASH_DUMP:
             raise exc.InstanceInvalidState(
@@ -290,7 +315,8 @@ class ComputeService:
     def list_crash_dumps(self, ctx: Context, server_id: str) -> list[CrashDump]:
         server = self.get_instance(ctx, server_id)
         self.policy.authorize(rules.CRASH_DUMPS_LIST, _target(server), ctx.credentials)
-        return self.store.list_crash_dumps(server.uuid)
+        dumps = self.store.list_crash_dumps(server.uuid)
+        return [dump for dump in dumps if _may_see(ctx, dump)]
 
     def get_crash_dump(
         self, ctx: Context, server_id: str, dump_id: str, rule: str = rules.CRASH_DUMPS_SHOW
@@ -298,9 +324,69 @@ class ComputeService:
         server = self.get_instance(ctx, server_id)
         self.policy.authorize(rule, _target(server), ctx.credentials)
         dump = self.store.get_crash_dump(server.uuid, dump_id)
-        if dump is None:
+        if dump is None or not _may_see(ctx, dump):
             raise exc.CrashDumpNotFound(dump_id, server.uuid)
         return dump
+
+    # crashlab extension: crash readiness and host-side capture
+
+    def get_readiness(self, ctx: Context, server_id: str, *, refresh: bool) -> Readiness:
+        """The last check, or a fresh bounded one of this server alone."""
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.CRASH_READINESS_SHOW, _target(server), ctx.credentials)
+        return self.readiness.check_now(server) if refresh else stored_readiness(server)
+
+    def capture_memory_dump(
+        self, ctx: Context, server_id: str, *, then: str, accept_nmi: Callable[[], Any]
+    ) -> PendingCapture:
+        """Record a host-side memory capture of a running server; the call runs after the 202."""
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(rules.CAPTURE_MEMORY_DUMP, _target(server), ctx.credentials)
+        if "memory_dump" not in driver_class(server.driver).capabilities:
+            # A valid request this server cannot take: a conflict with its driver, not bad input.
+            raise exc.Conflict(
+                f"Capturing a memory dump is not supported by the {server.driver} driver."
+            )
+        _check_instance_lock(ctx, server)
+        view = self.live_view(server)
+        if view.power_state not in (PowerState.RUNNING, PowerState.PAUSED):
+            raise exc.InstanceInvalidState(CAPTURE_ACTION, server.uuid, "vm_state", view.vm_state)
+        check_free_space(self.dump_directory, self._memory_bytes(server))
+        try:
+            dump = self.store.start_capture(
+                server.uuid,
+                start=_start(ctx),
+                dump_id=new_dump_id(),
+                host=self.config.host_name,
+                owner=self.owner,
+                refuse_locked=not ctx.is_admin,
+                options={"then": then},
+            )
+        except ServerGone:
+            raise exc.InstanceNotFound(server_id) from None
+        except ServerLocked:
+            raise exc.InstanceIsLocked(server.uuid) from None
+        except CaptureInProgress:
+            raise exc.Conflict(
+                f"A memory capture of instance {server.uuid} is still in progress."
+            ) from None
+        assert dump.request_id is not None, "a capture is an action's"
+        action = self.store.get_action(server.uuid, dump.request_id)
+        assert action is not None
+        return PendingCapture(server, dump, action.events[0].id, then, accept_nmi)
+
+    def _memory_bytes(self, server: Server) -> int:
+        driver = self.backends.driver_for(server)
+        try:
+            future = self.backends.bulkhead(driver).submit(driver.memory_bytes)
+            return future.result(timeout=self.state_timeout)
+        except concurrent.futures.TimeoutError:
+            raise exc.Conflict(
+                f"The hypervisor of instance {server.uuid} did not say the server's memory "
+                f"size within {self.state_timeout:g} s. Nothing was captured."
+            ) from None
+        except DriverError as error:
+            raise exc.Conflict(f"{error.message}. Nothing was captured.") from None
 
     # crashlab extension: the inventory
 
@@ -332,9 +418,12 @@ class ComputeService:
             dump_target=spec.get("dump_target"),
             dump_timeouts=spec.get("dump_timeouts"),
             expected_kernel_release=spec.get("expected_kernel_release"),
+            collector_enabled=self.config.collector.enabled,
         )
         if not self.store.add_server(server):
             raise exc.DuplicateServer(f"A server with uuid {server.uuid} already exists.")
+        if server.dump_key is not None:
+            self.upload_keys_changed()
         return server
 
     def unregister_server(self, ctx: Context, server_id: str) -> None:
@@ -349,6 +438,26 @@ class ComputeService:
                 "remove the server once its crash dump event has ended."
             ) from None
         self.backends.forget(server.uuid)
+        if server.dump_key is not None and self.collector is not None:
+            self.upload_keys_changed()
+            # A uuid registered again starts with no uploads of its own.
+            shutil.rmtree(self.collector.upload_dir(server.uuid), ignore_errors=True)
+
+    def dump_target_key(self, ctx: Context, server_id: str) -> tuple[KeyPair, Collector]:
+        """The key of a server's ssh target, and the collector it logs in to (admins)."""
+        server = self.get_instance(ctx, server_id)
+        self.policy.authorize(
+            rules.DUMP_TARGET_KEY, {"project_id": server.project_id}, ctx.credentials
+        )
+        if server.dump_key is None or self.collector is None:
+            raise exc.NoSshDumpTarget(server.uuid)
+        private = self.box.decrypt(server.dump_key)
+        return KeyPair(private, public_key_of(private)), self.collector
+
+    def upload_keys_changed(self) -> None:
+        """A server with an ssh target came or went: the collector's keys follow."""
+        if self.collector is not None:
+            self.collector.refresh_keys(self.store, self.box)
 
 
 def build_server(
@@ -366,6 +475,7 @@ def build_server(
     dump_target: dict[str, Any] | None = None,
     dump_timeouts: dict[str, Any] | None = None,
     expected_kernel_release: str | None = None,
+    collector_enabled: bool = False,
 ) -> Server:
     """A validated server, secrets encrypted; BadRequest if invalid.
 
@@ -393,6 +503,14 @@ def build_server(
         ) from None
     stored = encrypt_secrets(driver, settings.model_dump(mode="json", exclude_none=True), box)
     target, timeouts = _dump_settings(driver, dump_target, dump_timeouts)
+    dump_key = None
+    if target is not None and target["type"] == "ssh":
+        if not collector_enabled:
+            raise exc.ValidationFailed(
+                "Invalid dump_target: an ssh target needs crashlab's dump collector "
+                "(collector.enabled in the config)."
+            )
+        dump_key = box.encrypt(make_key_pair(f"crashlab-server-{uuid}").private_key)
     now = utcnow()
     return Server(
         uuid=str(uuidlib.UUID(uuid)),
@@ -408,6 +526,7 @@ def build_server(
         dump_target=target,
         dump_timeouts=timeouts,
         expected_kernel_release=expected_kernel_release,
+        dump_key=dump_key,
     )
 
 
@@ -479,6 +598,24 @@ def _dump_in_progress(server_uuid: str) -> exc.NMIGuardActive:
         f"A crash dump of instance {server_uuid} is still in progress; "
         "crashlab sends one NMI at a time."
     )
+
+
+def _refuse_unless_armed(server_uuid: str, readiness: Readiness, allow_unknown: bool) -> None:
+    why = "; ".join(readiness.reasons)
+    if readiness.verdict == NOT_ARMED:
+        raise exc.Conflict(
+            f"Instance {server_uuid} is not armed for a crash dump: {why}. Nothing was sent."
+        )
+    if readiness.verdict == UNKNOWN and not allow_unknown:
+        raise exc.Conflict(
+            f"The crash readiness of instance {server_uuid} is unknown: {why}. "
+            "Nothing was sent; allow_unknown sends anyway."
+        )
+
+
+def _may_see(ctx: Context, dump: CrashDump) -> bool:
+    """A dump that arrived with no NMI pending is not tied to any request: admins only."""
+    return dump.request_id is not None or ctx.is_admin
 
 
 def _target(server: Server) -> dict[str, str]:

@@ -41,6 +41,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from app.events import CAPTURE_ACTION, CAPTURE_EVENT
 
 
 def utcnow() -> dt.datetime:
@@ -74,6 +77,13 @@ class Server:
     dump_target: dict[str, Any] | None = None
     dump_timeouts: dict[str, Any] | None = None
     expected_kernel_release: str | None = None
+    # The last crash readiness check (app/readiness.py), refreshed in the background,
+    # and the kernel release the last check that could read it read.
+    readiness: dict[str, Any] | None = None
+    observed_kernel_release: str | None = None
+    # An ssh dump target's private key (app/collector.py), encrypted as driver
+    # secrets are; never in any response but the admin's key read.
+    dump_key: str | None = None
 
     @property
     def locked(self) -> bool:
@@ -150,13 +160,14 @@ class CrashDump:
 
     id: str
     server_id: str
-    action_id: int
-    request_id: str
+    # None for a dump that arrived at the collector with no NMI pending.
+    action_id: int | None
+    request_id: str | None
     state: str
     target: str
     created_at: dt.datetime
     updated_at: dt.datetime
-    nmi_sent_at: dt.datetime
+    nmi_sent_at: dt.datetime | None
     evidence: dict[str, Any]
     error: str | None = None
     vmcore: dict[str, Any] | None = None
@@ -198,6 +209,11 @@ class _ServerRow(Base):
     dump_target: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     dump_timeouts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     expected_kernel_release: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The last crash readiness check, and when the next is due (as the power-state sync).
+    readiness: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    observed_kernel_release: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    readiness_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    dump_key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class _ActionRow(Base):
@@ -253,14 +269,16 @@ class _CrashDumpRow(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     server_id: Mapped[str] = mapped_column(String(36), index=True)
-    # One dump per NMI: a dump is never attributed twice.
-    action_id: Mapped[int] = mapped_column(ForeignKey("instance_actions.id"), unique=True)
-    request_id: Mapped[str] = mapped_column(String(64))
+    # One dump per NMI: a dump is never attributed twice. None: no NMI was pending.
+    action_id: Mapped[int | None] = mapped_column(
+        ForeignKey("instance_actions.id"), unique=True, nullable=True
+    )
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     target: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
-    nmi_sent_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    nmi_sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     vmcore: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -273,6 +291,10 @@ class _CrashDumpRow(Base):
 
 # A dump in one of these states is still being followed.
 UNFINISHED_DUMP_STATES = ("waiting", "panicked", "collecting", "collected")
+# A host-side capture (app/capture.py) in one of these states is still running;
+# its "collected" is terminal, and it is never resumed, only failed.
+HOST_MEMORY_TARGET = "host-memory"
+UNFINISHED_CAPTURE_STATES = ("capturing", "verifying")
 
 
 class ServerGone(Exception):
@@ -299,6 +321,10 @@ class DumpCoolingDown(Exception):
         self.elapsed = elapsed
 
 
+class CaptureInProgress(Exception):
+    pass
+
+
 class NMIOnItsWay(Exception):
     """An NMI to the server is being sent right now."""
 
@@ -317,6 +343,7 @@ class Store:
         self._writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
+        _relax_not_null(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -371,6 +398,8 @@ class Store:
             row.dump_target = server.dump_target
             row.dump_timeouts = server.dump_timeouts
             row.expected_kernel_release = server.expected_kernel_release
+            # The key its kdump configuration holds stays the same across restarts.
+            row.dump_key = row.dump_key or server.dump_key
 
     def delete_server(self, server_uuid: str) -> bool:
         """Delete a server with all it owned: its actions and their events.
@@ -419,21 +448,40 @@ class Store:
 
     def claim_power_syncs(self, interval_seconds: float) -> list[Server]:
         """The servers due a power-state read, each claimed by one process only."""
+        return self._claim_due("power_sync_due_at", interval_seconds)
+
+    def claim_readiness_checks(self, interval_seconds: float) -> list[Server]:
+        """The servers due a crash readiness check, each claimed by one process only."""
+        return self._claim_due("readiness_due_at", interval_seconds)
+
+    def _claim_due(self, due_column: str, interval_seconds: float) -> list[Server]:
+        """The servers whose ``due_column`` has passed, made due again an interval later,
+        in one write transaction: with several processes, each server goes to one."""
         now = utcnow()
+        column = getattr(_ServerRow, due_column)
         with self.transaction() as session:
             due = list(
-                session.scalars(
-                    select(_ServerRow).where(
-                        or_(
-                            _ServerRow.power_sync_due_at.is_(None),
-                            _ServerRow.power_sync_due_at <= now,
-                        )
-                    )
-                )
+                session.scalars(select(_ServerRow).where(or_(column.is_(None), column <= now)))
             )
             for row in due:
-                row.power_sync_due_at = now + dt.timedelta(seconds=interval_seconds)
+                setattr(row, due_column, now + dt.timedelta(seconds=interval_seconds))
             return [_server(row) for row in due]
+
+    def record_readiness(
+        self, server_uuid: str, readiness: dict[str, Any], kernel_release: str | None
+    ) -> None:
+        """Bookkeeping, as power states are: ``updated_at`` stays.
+
+        A check that could not read the kernel (a paused guest's agent does not
+        answer) leaves the last release read in place.
+        """
+        values: dict[str, Any] = {"readiness": readiness}
+        if kernel_release is not None:
+            values["observed_kernel_release"] = kernel_release
+        with self.transaction() as session:
+            session.execute(
+                update(_ServerRow).where(_ServerRow.uuid == server_uuid).values(**values)
+            )
 
     # Decisions: each is one write transaction.
 
@@ -487,11 +535,7 @@ class Store:
         """
         now = utcnow()
         with self.transaction() as session:
-            row = session.get(_ServerRow, server_uuid)
-            if row is None:
-                raise ServerGone()
-            if refuse_locked and row.locked_by is not None:
-                raise ServerLocked()
+            row = _server_to_act_on(session, server_uuid, refuse_locked)
             if cooldown_seconds is not None:
                 if _running_events(session, server_uuid, event_name):
                     raise DumpInProgress()
@@ -507,6 +551,78 @@ class Store:
             row.last_crash_dump_at = now
             session.flush()  # assigns the ids
             return _action(action)
+
+    def start_capture(
+        self,
+        server_uuid: str,
+        *,
+        start: ActionStart,
+        dump_id: str,
+        host: str,
+        owner: str,
+        refuse_locked: bool,
+        options: dict[str, Any],
+    ) -> CrashDump:
+        """Record a memory capture: its action, its running event and its crash dump.
+
+        Raises ServerGone, ServerLocked (when ``refuse_locked``) and
+        CaptureInProgress: one capture of a server at a time.
+        """
+        now = utcnow()
+        with self.transaction() as session:
+            _server_to_act_on(session, server_uuid, refuse_locked)
+            if _running_events(session, server_uuid, CAPTURE_EVENT):
+                raise CaptureInProgress()
+            action = _action_row(start, server_uuid, CAPTURE_ACTION, now)
+            action.events.append(
+                _EventRow(event=CAPTURE_EVENT, start_time=now, host=host, owner=owner)
+            )
+            session.add(action)
+            session.flush()
+            dump = _CrashDumpRow(
+                id=dump_id,
+                server_id=server_uuid,
+                action_id=action.id,
+                request_id=action.request_id,
+                state="capturing",
+                target=HOST_MEMORY_TARGET,
+                created_at=now,
+                updated_at=now,
+                nmi_sent_at=now,
+                evidence=options,
+                owner=owner,
+            )
+            session.add(dump)
+            session.flush()
+            return _crash_dump(dump)
+
+    def fail_orphaned_captures(self, live_owners: set[str], details: str) -> int:
+        """Fail the captures of every process that is gone, with their running events.
+
+        A capture is never resumed: the hypervisor's call died with its caller.
+        """
+        now = utcnow()
+        with self.transaction() as session:
+            rows = list(
+                session.scalars(
+                    select(_CrashDumpRow).where(
+                        _CrashDumpRow.target == HOST_MEMORY_TARGET,
+                        _CrashDumpRow.state.in_(UNFINISHED_CAPTURE_STATES),
+                        or_(
+                            _CrashDumpRow.owner.is_(None),
+                            _CrashDumpRow.owner.not_in(live_owners),
+                        ),
+                    )
+                )
+            )
+            for row in rows:
+                row.state, row.error, row.updated_at = "failed", details, now
+                session.execute(
+                    update(_EventRow)
+                    .where(_EventRow.action_id == row.action_id, _EventRow.finish_time.is_(None))
+                    .values(finish_time=now, result="Error", details=details)
+                )
+            return len(rows)
 
     def running_event_count(self, instance_uuid: str, event_name: str) -> int:
         with self.session() as session:
@@ -652,6 +768,44 @@ class Store:
             session.flush()
             return _crash_dump(row)
 
+    def has_pending_dump(self, server_uuid: str) -> bool:
+        """Is a dump of this server still waiting for its vmcore to arrive?"""
+        with self.session() as session:
+            pending = session.scalars(
+                select(_CrashDumpRow.id).where(
+                    _CrashDumpRow.server_id == server_uuid,
+                    _CrashDumpRow.state.in_(("waiting", "panicked", "collecting")),
+                )
+            ).first()
+            return pending is not None
+
+    def add_unattributed_dump(
+        self, dump_id: str, server_uuid: str, *, state: str, evidence: dict[str, Any], error: str
+    ) -> CrashDump:
+        """A dump that arrived with no NMI pending: kept, tied to no request."""
+        now = utcnow()
+        with self.transaction() as session:
+            row = _CrashDumpRow(
+                id=dump_id,
+                server_id=server_uuid,
+                action_id=None,
+                request_id=None,
+                state=state,
+                target="ssh",
+                created_at=now,
+                updated_at=now,
+                nmi_sent_at=None,
+                evidence=evidence,
+                error=error,
+            )
+            session.add(row)
+            session.flush()
+            return _crash_dump(row)
+
+    def forget_crash_dump(self, dump_id: str) -> None:
+        with self.transaction() as session:
+            session.execute(delete(_CrashDumpRow).where(_CrashDumpRow.id == dump_id))
+
     def start_event(self, action_id: int, event_name: str, *, host: str, owner: str) -> int:
         """A new running event of an action; returns its id."""
         with self.transaction() as session:
@@ -723,6 +877,8 @@ class Store:
                 session.scalars(
                     select(_CrashDumpRow).where(
                         _CrashDumpRow.state.in_(UNFINISHED_DUMP_STATES),
+                        _CrashDumpRow.target != HOST_MEMORY_TARGET,
+                        _CrashDumpRow.action_id.is_not(None),
                         or_(
                             _CrashDumpRow.owner.is_(None),
                             _CrashDumpRow.owner.not_in(live_owners),
@@ -738,6 +894,16 @@ class Store:
                     .values(owner=owner)
                 )
             return [_crash_dump(row) for row in rows]
+
+
+def _server_to_act_on(session: Session, server_uuid: str, refuse_locked: bool) -> _ServerRow:
+    """The server's row, for an action; ServerGone, or ServerLocked when ``refuse_locked``."""
+    row = session.get(_ServerRow, server_uuid)
+    if row is None:
+        raise ServerGone()
+    if refuse_locked and row.locked_by is not None:
+        raise ServerLocked()
+    return row
 
 
 def _instant_action(session: Session, row: _ServerRow, action: str, start: ActionStart) -> None:
@@ -848,3 +1014,37 @@ def _add_missing_columns(engine: Any) -> None:
                     connection.exec_driver_sql(
                         f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'
                     )
+
+
+def _relax_not_null(engine: Any) -> None:
+    """Tables whose columns have become nullable since a state file was created,
+    rebuilt with SQLite's documented procedure (rename, create, copy, drop)."""
+    inspector = inspect(engine)
+    stale = []
+    for table in Base.metadata.sorted_tables:
+        stored = {column["name"]: column for column in inspector.get_columns(table.name)}
+        if any(column.nullable and not stored[column.name]["nullable"] for column in table.columns):
+            stale.append((table, [index["name"] for index in inspector.get_indexes(table.name)]))
+    if not stale:
+        return
+    # On the DBAPI connection: foreign_keys cannot change inside a transaction.
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("PRAGMA foreign_keys=OFF")
+        cursor.execute("BEGIN IMMEDIATE")
+        for table, indexes in stale:
+            old = f"_old_{table.name}"
+            cursor.execute(f'ALTER TABLE "{table.name}" RENAME TO "{old}"')
+            for index in indexes:
+                cursor.execute(f'DROP INDEX "{index}"')
+            cursor.execute(str(CreateTable(table).compile(engine)))
+            for new_index in table.indexes:
+                cursor.execute(str(CreateIndex(new_index).compile(engine)))
+            columns = ", ".join(f'"{column.name}"' for column in table.columns)
+            cursor.execute(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "{old}"')
+            cursor.execute(f'DROP TABLE "{old}"')
+        cursor.execute("COMMIT")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        raw.close()

@@ -193,7 +193,8 @@ def read_vmcore(path: Path) -> Vmcore:
         bytes=path.stat().st_size,
         format=formats[signature],
         header_version=header_version,
-        kernel_release=uts["release"],
+        # QEMU's own kdump files leave utsname empty; VMCOREINFO names the kernel.
+        kernel_release=uts["release"] or info.get("OSRELEASE", ""),
         kernel_version=uts["version"],
         machine=uts["machine"],
         vmcoreinfo=info,

@@ -11,6 +11,7 @@ Failures a driver may raise, all subclasses of ``DriverError``::
      ├── InstanceNotRunning   the hypervisor refused: the domain is not running
      ├── ServerPoweredOff     the BMC reports the server off, so an NMI would be lost
      ├── ServerNotFound       the domain or system no longer exists
+     ├── GuestAgentUnavailable  no guest agent answers inside the server
      └── BackendError         the backend itself failed
           ├── BackendUnreachable   no answer within the timeout, or connection refused
           ├── BackendAuthFailed    credentials rejected
@@ -20,13 +21,17 @@ Capabilities are declared as data, as Ironic's hardware types declare their
 interfaces: ``capabilities = frozenset({"nmi", "power_state"})``. Only a driver
 that overrides ``trigger_crash_dump`` declares ``"nmi"``; the base method raises
 ``NMINotSupported``, as Ironic's ``ManagementInterface.inject_nmi`` does.
+Likewise ``"guest_agent"`` (``read_guest_files``) and ``"memory_dump"``
+(``memory_bytes``, ``capture_memory_dump``, ``abort_memory_dump``).
 """
 
 from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
@@ -77,6 +82,22 @@ class ServerPoweredOff(DriverError):
 
 class ServerNotFound(DriverError):
     nmi_not_sent = True
+
+
+class GuestAgentUnavailable(DriverError):
+    """No guest agent answers: the server has no agent channel, or nothing listens on it."""
+
+    nmi_not_sent = True
+
+    def __init__(self, message: str = "no guest agent") -> None:
+        super().__init__(message)
+
+
+class MemoryDumpNotSupported(DriverError):
+    nmi_not_sent = True
+
+    def __init__(self, message: str = "this backend cannot dump a server's memory") -> None:
+        super().__init__(message)
 
 
 class BackendError(DriverError):
@@ -200,6 +221,33 @@ class Driver:
     def trigger_crash_dump(self) -> None:
         """Send the backend's NMI. Raises ``NMINotSupported`` unless overridden."""
         raise NMINotSupported()
+
+    def read_guest_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        """Read small files inside the running guest through its agent.
+
+        A file the guest does not have reads as None. Raises
+        ``GuestAgentUnavailable`` unless overridden (capability ``"guest_agent"``).
+        """
+        raise GuestAgentUnavailable()
+
+    def memory_bytes(self) -> int:
+        """The server's memory size: what a memory dump may need on disk."""
+        raise MemoryDumpNotSupported()
+
+    def capture_memory_dump(self, path: Path, *, destroy: bool) -> None:
+        """Write the server's memory to ``path`` as a kdump-compressed (zlib) dump.
+
+        The file may hold makedumpfile's flattened stream of that dump (QEMU
+        before 8.2 writes no other), which ``makedumpfile -R`` restores.
+        The server keeps running afterwards, unless ``destroy``. Blocks until
+        the dump is written; on failure no file is left at ``path``.
+        Raises ``MemoryDumpNotSupported`` unless overridden (capability
+        ``"memory_dump"``).
+        """
+        raise MemoryDumpNotSupported()
+
+    def abort_memory_dump(self) -> None:
+        """Stop a ``capture_memory_dump`` in progress, from another thread."""
 
     def close(self) -> None:
         """Release connections; the driver is not used afterwards."""

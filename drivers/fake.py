@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from drivers.base import Driver, DriverSettings, InstanceNotRunning, PowerState
+from drivers.base import (
+    Driver,
+    DriverSettings,
+    GuestAgentUnavailable,
+    InstanceNotRunning,
+    PowerState,
+)
 
 _POWER = {
     "running": PowerState.RUNNING,
@@ -31,6 +38,9 @@ class FakeSettings(DriverSettings):
     power_state: Literal["running", "paused", "shutdown"] = "running"
     delay_seconds: float = Field(0.0, ge=0, le=60, description="seconds each NMI takes")
     nmi_log: Path | None = None
+    guest_files: dict[str, str] | None = Field(
+        None, description="what the fake guest agent reads; None: the guest has no agent"
+    )
 
     config_only_fields: ClassVar[frozenset[str]] = frozenset({"nmi_log"})
     test_backend: ClassVar[bool] = True
@@ -68,7 +78,13 @@ class _FakeBase(Driver):
 class FakeDriver(_FakeBase):
     name = "fake"
     description = "In-memory machine that counts the NMIs it receives"
-    capabilities = frozenset({"power_state", "nmi"})
+    capabilities = frozenset({"power_state", "nmi", "guest_agent"})
+
+    def read_guest_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        files = self.fake_settings.guest_files
+        if files is None:
+            raise GuestAgentUnavailable("no guest agent: the fake server has none")
+        return {path: None if path not in files else files[path].encode() for path in paths}
 
     def trigger_crash_dump(self) -> None:
         if self.fake_settings.delay_seconds:

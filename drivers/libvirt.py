@@ -1,5 +1,10 @@
 """libvirt domains, reached with libvirt-python: ``virDomainInjectNMI``.
 
+Beyond the NMI: small files read inside the guest through the QEMU guest
+agent (``guest-file-open``/``read``, over ``virDomainQemuAgentCommand``), for
+crash readiness; and a memory dump by the hypervisor, ``coreDumpWithFormat``
+in kdump-compressed (zlib) format, memory only, for host-side capture.
+
 Errors are mapped as Nova's libvirt driver maps them:
 VIR_ERR_OPERATION_INVALID -> InstanceNotRunning, VIR_ERR_NO_SUPPORT ->
 NMINotSupported. Connections are shared per URI and reopened when libvirtd
@@ -24,20 +29,27 @@ while libvirt opens the connection: ssh and GnuTLS have read it by then.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import libvirt
+import libvirt_qemu
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from drivers.base import (
     BackendRejected,
     BackendUnreachable,
     Driver,
+    DriverError,
     DriverSettings,
+    GuestAgentUnavailable,
     InstanceNotRunning,
     NMINotSupported,
     PowerState,
@@ -65,6 +77,22 @@ _CONNECTION_ERRORS = {
     libvirt.VIR_ERR_NO_CONNECT,
     libvirt.VIR_ERR_INVALID_CONN,
 }
+
+# libvirt's answers when a domain has no agent channel, or nothing answers on it.
+_NO_AGENT = {libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED, libvirt.VIR_ERR_AGENT_UNRESPONSIVE}
+# Bounds one agent command; the caller bounds the whole check (app/readiness.py).
+AGENT_TIMEOUT_SECONDS = 5
+# Readiness reads small files (sysctls, a command line): more is not read.
+GUEST_FILE_LIMIT = 64 * 1024
+
+
+class _AgentRefused(Exception):
+    """The agent answered with an error of its own (a file it cannot open)."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
 
 # libvirt logs every error to stderr by default; crashlab reports them itself.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -201,7 +229,9 @@ CONNECTIONS = _Connections()
 class LibvirtDriver(Driver):
     name = "libvirt"
     description = "libvirt domain (QEMU/KVM) through libvirt-python's injectNMI"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"power_state", "nmi"})
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {"power_state", "nmi", "guest_agent", "memory_dump"}
+    )
     settings_model = LibvirtSettings
 
     def __init__(self, server_id: str, settings: DriverSettings) -> None:
@@ -242,6 +272,94 @@ class LibvirtDriver(Driver):
             if code == libvirt.VIR_ERR_NO_SUPPORT:
                 raise NMINotSupported() from None
             raise BackendRejected(f"libvirt refused the NMI: {exc.get_error_message()}") from None
+
+    def read_guest_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        """Each file through the QEMU guest agent: guest-file-open, -read until EOF, -close."""
+        return {path: self._read_guest_file(path) for path in paths}
+
+    def _read_guest_file(self, path: str) -> bytes | None:
+        try:
+            opened = self._agent("guest-file-open", {"path": path, "mode": "r"})
+        except _AgentRefused as refused:
+            if "No such file" in refused.desc:
+                return None
+            raise BackendRejected(f"the guest agent cannot open {path}: {refused.desc}") from None
+        handle = opened["return"]
+        data = b""
+        try:
+            while len(data) < GUEST_FILE_LIMIT:
+                read = self._agent("guest-file-read", {"handle": handle, "count": 4096})["return"]
+                data += base64.b64decode(read.get("buf-b64", ""))
+                if read.get("eof") or not read.get("count"):
+                    break
+        except _AgentRefused as refused:
+            raise BackendRejected(f"the guest agent cannot read {path}: {refused.desc}") from None
+        finally:
+            with contextlib.suppress(DriverError, _AgentRefused):
+                self._agent("guest-file-close", {"handle": handle})
+        return data[:GUEST_FILE_LIMIT]
+
+    def _agent(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """One guest agent command; its JSON answer, or _AgentRefused with the agent's error."""
+        request = json.dumps({"execute": command, "arguments": arguments})
+        try:
+            answer = self._call(
+                lambda dom: libvirt_qemu.qemuAgentCommand(dom, request, AGENT_TIMEOUT_SECONDS, 0)
+            )
+        except libvirt.libvirtError as exc:
+            code, message = exc.get_error_code(), exc.get_error_message()
+            if code in _NO_AGENT:
+                raise GuestAgentUnavailable(f"no guest agent: {message}") from None
+            if code == libvirt.VIR_ERR_OPERATION_INVALID:
+                raise InstanceNotRunning(self.server_id) from None
+            if code == libvirt.VIR_ERR_INTERNAL_ERROR and "unable to execute" in message:
+                raise _AgentRefused(message) from None
+            raise BackendRejected(f"libvirt: {message}") from None
+        reply: dict[str, Any] = json.loads(answer)
+        return reply
+
+    def memory_bytes(self) -> int:
+        try:
+            _state, max_kib, _kib, _vcpus, _cpu = self._call(lambda dom: dom.info())
+        except libvirt.libvirtError as exc:
+            raise BackendRejected(f"libvirt: {exc.get_error_message()}") from None
+        return int(max_kib) * 1024
+
+    def capture_memory_dump(self, path: Path, *, destroy: bool) -> None:
+        """libvirt's coreDumpWithFormat: kdump-compressed (zlib), memory only, never retried.
+
+        libvirt pauses the guest while it is dumped and resumes it after,
+        unless it was paused already; ``destroy`` (VIR_DUMP_CRASH) stops it instead.
+        QEMU before 8.2 writes this format only flattened (makedumpfile's
+        stream format, restored with ``makedumpfile -R``).
+        """
+        flags = libvirt.VIR_DUMP_MEMORY_ONLY | (libvirt.VIR_DUMP_CRASH if destroy else 0)
+        try:
+            self._call(
+                lambda dom: dom.coreDumpWithFormat(
+                    str(path), libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_KDUMP_ZLIB, flags
+                ),
+                retry=False,
+            )
+        except libvirt.libvirtError as exc:
+            path.unlink(missing_ok=True)
+            code = exc.get_error_code()
+            if code == libvirt.VIR_ERR_OPERATION_INVALID:
+                raise InstanceNotRunning(self.server_id) from None
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                raise ServerNotFound(
+                    f"domain {self.domain_name} went away during the dump"
+                ) from None
+            raise BackendRejected(
+                f"libvirt could not dump the memory: {exc.get_error_message()}"
+            ) from None
+        except DriverError:
+            path.unlink(missing_ok=True)
+            raise
+
+    def abort_memory_dump(self) -> None:
+        with contextlib.suppress(DriverError, libvirt.libvirtError):
+            self._call(lambda dom: dom.abortJob(), retry=False)
 
     def _call(self, operation, retry: bool = True):  # type: ignore[no-untyped-def]
         """Run ``operation(domain)``; reconnect once if the connection died first.

@@ -7,6 +7,8 @@ from drivers import all_driver_classes
 CAPABILITIES = {
     "nmi": "trigger_crash_dump (NMI)",
     "power_state": "live power state",
+    "guest_agent": "crash readiness (guest agent)",
+    "memory_dump": "host-side memory dump",
 }
 
 

@@ -36,6 +36,19 @@ Two more pyghmi 1.6 behaviours the IPMI driver works around:
 - A BMC that never answers RAKP 1 (virtualbmc, for an unknown username) makes
   pyghmi re-login forever. ``NegotiatingSession`` gives up at the caller's deadline.
 
+A failed login's message: recorded before the login ends
+--------------------------------------------------------
+``Session._mark_broken`` sets ``logging = False`` and only then ``errormsg``.
+Any thread in pyghmi's loop may process a session's answers (see below), so
+the thread that ran the failing login's RAKP can be another caller's, and the
+login's own thread, waiting for ``logging`` to clear, wakes between the two and
+raises ``IpmiException(self.errormsg)`` on a session that has none:
+``AttributeError: 'NegotiatingSession' object has no attribute 'errormsg'``
+instead of "Incorrect password provided". It took a wrong password and a dead
+BMC's login in flight at the same time: 9 of 60 wrong-password logins, with two
+dead-BMC logins running beside them. ``NegotiatingSession._mark_broken``
+records the message first; tests/drivers/test_ipmi.py runs that mix.
+
 Lost wakeups: pyghmi's ``_io_wait`` replaced
 --------------------------------------------
 A caller waiting for a BMC's answer checks its queue (``sessionqueue`` in
@@ -200,6 +213,13 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
         # caller must wake then, not at its retry timer or deadline.
         super().process_pktqueue()
         _wake_answer_waiters(self.sockaddr)
+
+    def _mark_broken(self, error: Any = None) -> None:
+        # pyghmi ends the login (``logging = False``) before it records why
+        # (``errormsg``); a login waiting in another thread can wake in between
+        # and read a message that is not there yet. Recorded first.
+        self.errormsg = error
+        super()._mark_broken(error)
 
     def _relog(self) -> Any:
         if time.monotonic() > self.login_deadline:

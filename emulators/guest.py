@@ -6,6 +6,22 @@ sparse raw dump disk as ``/dev/vda``. Progress is read from the console, never
 guessed from a fixed sleep. Leaving the ``with`` block (normally, by exception
 or by Ctrl-C) destroys and undefines the domain and deletes its files.
 
+With a ``SshDumpNetwork`` the domain also gets the network the kdump-ssh
+variant's crash kernel sends its vmcore over (emulators/guest_image.py): a QEMU
+user-mode netdev with ``restrict=on``, so the guest reaches nothing but the
+collector, whose ``COLLECTOR_GUEST_ADDRESS:22`` a ``guestfwd`` forwards to
+``127.0.0.1:<port>`` on the host. libvirt 9.0's ``<interface type='user'>``
+offers neither option, so both go in ``<qemu:commandline>``. QEMU runs with
+``-sandbox spawn=deny``, which rules out a ``guestfwd`` to a command; the
+forward is a chardev, one TCP connection QEMU opens to the collector when it
+starts (and again 1 s after the collector closes it). It carries one guest
+connection, and a close on the host side never reaches the guest's socket,
+so the crash kernel sends everything over one multiplexed ssh connection.
+The server's key, the collector's host key and the target reach the guest as
+fw_cfg blobs (``<sysinfo type='fwcfg'>``), written to the guest's work dir;
+libvirt's DAC driver gives those files to QEMU's user while the domain runs
+(and back to their owner after), so the private key stays 0600.
+
 Failures, all subclasses of ``GuestError``::
 
     GuestError
@@ -18,12 +34,14 @@ Failures, all subclasses of ``GuestError``::
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,7 +49,20 @@ import libvirt
 
 from drivers.uris import DEFAULT_LIBVIRT_URI
 from emulators.accel import Accel, decided_accel, record_verdict
-from emulators.guest_image import READY_MARKER, GuestImage, cache_root
+
+# The dump network's addresses are re-exported for the collector's side.
+from emulators.guest_image import COLLECTOR_GUEST_ADDRESS as COLLECTOR_GUEST_ADDRESS
+from emulators.guest_image import (
+    FW_CFG_COREDIR,
+    FW_CFG_KNOWN_HOSTS,
+    FW_CFG_SSH_KEY,
+    FW_CFG_SSH_TARGET,
+    GUEST_AGENT_PORT,
+    READY_MARKER,
+    GuestImage,
+    cache_root,
+)
+from emulators.guest_image import GUEST_ADDRESS as GUEST_ADDRESS
 
 MEMORY_MIB = 768
 DUMP_DISK_MIB = 64
@@ -44,6 +75,14 @@ LIBVIRT_CALL_SECONDS = 10.0
 PROBE_TIMEOUT = 20.0
 
 T = TypeVar("T")
+
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NAMESPACE)
+# The port the crash kernel connects to, as kdump-tools' ssh does by default.
+COLLECTOR_GUEST_PORT = 22
+# QEMU places a -device before libvirt's own, whose addresses libvirt counts up
+# from slot 2: the last slot of the bus stays clear of them.
+NETWORK_PCI_SLOT = 0x1F
 
 # libvirt prints every error to stderr by default; crashlab raises or ignores them itself.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -86,6 +125,56 @@ class GuestTimeout(GuestError):
 class GuestStopped(GuestTimeout):
     def __init__(self, pattern: str, timeout: float, tail: str) -> None:
         super().__init__(pattern, timeout, tail, f"the guest stopped before {pattern!r}")
+
+
+@dataclass(frozen=True)
+class SshDumpNetwork:
+    """Where a kdump-ssh guest's crash kernel sends its vmcore, and with what key.
+
+    ``port`` is the collector's sshd on 127.0.0.1; ``private_key`` the server's
+    key file (OpenSSH format); ``known_hosts`` the collector's host key line
+    (``10.0.2.100 ssh-ed25519 AAAA...``), or a file holding it; ``target``
+    kdump-tools' ``SSH=``, ``user@10.0.2.100``; ``coredir`` its
+    ``KDUMP_COREDIR`` on the collector, ``/var/crash`` when None.
+
+    What the collector's sshd must allow: QEMU's connection arrives when the
+    domain starts and waits, unauthenticated, until the crash (so
+    ``LoginGraceTime 0`` and ``MaxStartups`` above the number of guests), and
+    OpenSSH 9's scp, which sends the dmesg, speaks SFTP (``Subsystem sftp``).
+    """
+
+    port: int
+    private_key: Path
+    known_hosts: Path | str
+    target: str
+    coredir: str | None = None
+
+    def netdev_args(self) -> list[str]:
+        """QEMU's arguments for the restricted user-mode network (``,,`` escapes a comma)."""
+        forward = (
+            f"tcp:{COLLECTOR_GUEST_ADDRESS}:{COLLECTOR_GUEST_PORT}"
+            f"-tcp:127.0.0.1:{self.port},,reconnect=1"
+        )
+        return [
+            "-netdev",
+            f"user,id=crashnet,restrict=on,guestfwd={forward}",
+            "-device",
+            f"virtio-net-pci,netdev=crashnet,bus=pci.0,addr={NETWORK_PCI_SLOT:#x}",
+        ]
+
+    def blobs(self) -> dict[str, bytes]:
+        """The fw_cfg blobs the crash kernel reads, by fw_cfg name."""
+        known_hosts = (
+            self.known_hosts.read_text() if isinstance(self.known_hosts, Path) else self.known_hosts
+        )
+        blobs = {
+            FW_CFG_SSH_KEY: self.private_key.read_bytes(),
+            FW_CFG_SSH_TARGET: self.target.encode(),
+            FW_CFG_KNOWN_HOSTS: known_hosts.rstrip("\n").encode() + b"\n",
+        }
+        if self.coredir is not None:
+            blobs[FW_CFG_COREDIR] = self.coredir.encode()
+        return blobs
 
 
 class Console:
@@ -168,8 +257,12 @@ class Guest:
         workdir_root: Path | None = None,
         memory_mib: int = MEMORY_MIB,
         dump_disk_mib: int = DUMP_DISK_MIB,
+        guest_agent: bool = True,
+        dump_network: SshDumpNetwork | None = None,
     ) -> None:
         self.image = image
+        self.guest_agent = guest_agent
+        self.dump_network = dump_network
         self.uri = uri
         self.accel = accel
         self.name = f"{name_prefix}-{image.variant.value}-{secrets.token_hex(4)}"
@@ -179,6 +272,7 @@ class Guest:
         self.workdir = self._workdir_root / self.name
         self.console_path = self.workdir / "console.log"
         self.dump_disk = self.workdir / "dump.img"
+        self.fw_cfg_dir = self.workdir / "fw_cfg"
         self.console = Console(self.console_path)
         self.uuid = ""
         self.started_at = 0.0
@@ -208,20 +302,57 @@ class Guest:
         return self.conn.lookupByName(self.name)
 
     def start(self) -> None:
-        """Create the work dir and dump disk, then define and start the domain."""
+        """Define the domain, then boot it."""
+        self.define()
+        self.boot()
+
+    def define(self) -> None:
+        """Create the work dir and dump disk, and define the domain, not yet running."""
         if self.accel is None:
             self.accel = detect_accel(self.image, self.uri)
         self._workdir_root.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(mode=0o755)
         with self.dump_disk.open("wb") as disk:
             disk.truncate(self.dump_disk_mib * 1024 * 1024)
+        self._define()
+
+    def boot(self) -> None:
+        """Start the defined domain.
+
+        A ``dump_network`` may be set between ``define`` and ``boot``: behind a
+        BMC, the domain must exist before its server is registered, and the
+        server's key exists only once it is. The domain is then defined again
+        with the network, and its fw_cfg blobs written, before it starts.
+        """
+        if self.dump_network is not None:
+            self._write_fw_cfg_blobs(self.dump_network.blobs())
+        domain = self._define() if self.dump_network is not None else self.domain()
         try:
-            domain = self._bounded("defineXML", lambda: self.conn.defineXML(self.domain_xml()))
-            self.uuid = domain.UUIDString()
             self.started_at = time.monotonic()
             self._bounded("create", domain.create)
         except libvirt.libvirtError as exc:
             raise GuestStartFailed(f"cannot start {self.name}: {exc}") from exc
+
+    def _define(self) -> libvirt.virDomain:
+        try:
+            domain = self._bounded("defineXML", lambda: self.conn.defineXML(self.domain_xml()))
+        except libvirt.libvirtError as exc:
+            raise GuestStartFailed(f"cannot define {self.name}: {exc}") from exc
+        self.uuid = domain.UUIDString()
+        return domain
+
+    def fw_cfg_file(self, name: str) -> Path:
+        """The file in the work dir that holds the fw_cfg blob ``name``."""
+        return self.fw_cfg_dir / name.rsplit("/", 1)[-1]
+
+    def _write_fw_cfg_blobs(self, blobs: dict[str, bytes]) -> None:
+        self.fw_cfg_dir.mkdir(mode=0o755)
+        for name, data in blobs.items():
+            # Only the key is secret; libvirt hands each file to QEMU's user.
+            mode = 0o600 if name == FW_CFG_SSH_KEY else 0o644
+            fd = os.open(self.fw_cfg_file(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
 
     def _bounded(self, call: str, run: Callable[[], T]) -> T:
         """Run a libvirt call; one that took longer than its bound fails, naming itself."""
@@ -237,6 +368,9 @@ class Guest:
         assert self.accel is not None
         domain = ET.Element("domain", type=self.accel.domain_type)
         ET.SubElement(domain, "name").text = self.name
+        if self.uuid:
+            # Defined again before boot: the same domain, with what was added since.
+            ET.SubElement(domain, "uuid").text = self.uuid
         ET.SubElement(domain, "memory", unit="MiB").text = str(self.memory_mib)
         ET.SubElement(domain, "vcpu").text = "1"
         os_ = ET.SubElement(domain, "os")
@@ -244,9 +378,16 @@ class Guest:
         ET.SubElement(os_, "kernel").text = str(self.image.kernel)
         ET.SubElement(os_, "initrd").text = str(self.image.initrd)
         ET.SubElement(os_, "cmdline").text = self.image.cmdline
+        if self.dump_network is not None:
+            sysinfo = ET.SubElement(domain, "sysinfo", type="fwcfg")
+            for name in self.dump_network.blobs():
+                ET.SubElement(sysinfo, "entry", name=name, file=str(self.fw_cfg_file(name)))
         features = ET.SubElement(domain, "features")
         ET.SubElement(features, "acpi")
         ET.SubElement(features, "apic")
+        # The guest's qemu_fw_cfg publishes its VMCOREINFO here, so a host-side
+        # memory dump (app/capture.py) names its kernel.
+        ET.SubElement(features, "vmcoreinfo", state="on")
         if self.accel is Accel.KVM:
             ET.SubElement(domain, "cpu", mode="host-passthrough")
         # A reboot would hide the console of a panic; stop instead.
@@ -258,9 +399,20 @@ class Guest:
         ET.SubElement(disk, "source", file=str(self.dump_disk))
         ET.SubElement(disk, "target", dev=DUMP_DEVICE, bus="virtio")
         serial = ET.SubElement(devices, "serial", type="file")
-        ET.SubElement(serial, "source", path=str(self.console_path))
+        # Appended to, not truncated, when the domain starts again (a BMC's power on):
+        # the console's readers keep their offsets.
+        ET.SubElement(serial, "source", path=str(self.console_path), append="on")
         ET.SubElement(serial, "target", port="0")
+        if self.guest_agent:
+            # The QEMU guest agent's port, as OpenStack's hw_qemu_guest_agent adds it;
+            # libvirt chooses the host side's socket.
+            channel = ET.SubElement(devices, "channel", type="unix")
+            ET.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_PORT)
         ET.SubElement(devices, "memballoon", model="none")
+        if self.dump_network is not None:
+            commandline = ET.SubElement(domain, f"{{{QEMU_NAMESPACE}}}commandline")
+            for arg in self.dump_network.netdev_args():
+                ET.SubElement(commandline, f"{{{QEMU_NAMESPACE}}}arg", value=arg)
         return ET.tostring(domain, encoding="unicode")
 
     def is_active(self) -> bool:

@@ -5,7 +5,7 @@ registers servers through the admin extension and reads the instance
 actions' events, and the owning user who triggers the crash dump and reads,
 and downloads, what crashlab followed after it. ``LocalService`` starts ``crashlab serve``
 (scenarios/serve.py) on a free loopback port with a generated config holding
-exactly those two users.
+exactly those two users, and its dump collector on another free loopback port.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from app.client import CrashlabClient, Credentials, wait_for_action, wait_for_dump
 from app.events import CRASH_DUMP_EVENT
 from app.identity import hash_password
+from app.process import free_port
 from scenarios.serve import ServeProcess, write_config
 
 POLL_SECONDS = 0.2
@@ -98,6 +99,12 @@ class ScenarioAPI:
         response = self.admin.request("POST", "/crashlab/servers", json=body)
         server_id: str = response.json()["server"]["uuid"]
         return server_id
+
+    def dump_target_key(self, server_id: str) -> dict[str, Any]:
+        """The key of the server's ssh dump target and the collector to send to (admin)."""
+        response = self.admin.request("GET", f"/crashlab/servers/{server_id}/dump-target/key")
+        key: dict[str, Any] = response.json()["dump_target_key"]
+        return key
 
     def unregister(self, server_id: str) -> None:
         self.admin.request("DELETE", f"/crashlab/servers/{server_id}")
@@ -195,4 +202,9 @@ class LocalService(ServeProcess):
             }
             for account, role in ((self.admin, "admin"), (self.user, "member"))
         ]
-        return {"secret_key": Fernet.generate_key().decode(), "identity": {"users": users}}
+        return {
+            "secret_key": Fernet.generate_key().decode(),
+            "identity": {"users": users},
+            # The bare-metal paths' dumps arrive over SSH (scenarios/via.py).
+            "collector": {"enabled": True, "port": free_port()},
+        }

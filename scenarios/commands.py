@@ -1,4 +1,5 @@
-"""The scenario layer's commands: ``image build``, ``doctor``, ``scenario kdump|all``.
+"""The scenario layer's commands: ``image build``, ``doctor``, and ``scenario kdump``,
+``preflight``, ``guarded``, ``capture`` and ``all``.
 
 Before booting anything, both scenario commands run ``crashlab doctor``'s cheap
 checks and stop with its table when one fails: a host that would re-probe QEMU
@@ -21,9 +22,10 @@ from emulators.doctor import CHEAP_CHECKS, failed, render_table, run_checks
 from emulators.doctor import to_json as doctor_json
 from emulators.guest_image import ImageVariant, build_image
 from scenarios.api import FAKE_CLOUD_ADMIN, FAKE_CLOUD_USER, Account, ScenarioAPI
-from scenarios.kdump import run_kdump_scenario
+from scenarios.kdump import EXPECTED_VERDICT, run_kdump_scenario
 from scenarios.matrix import run_matrix
 from scenarios.progress import Progress
+from scenarios.readiness_capture import EXPECTED_READINESS, run_scenario
 from scenarios.report import render_report, render_summary, to_json
 from scenarios.via import Via
 
@@ -64,13 +66,36 @@ def add_scenario_parser(commands: Any) -> None:
     kdump = scenario.add_parser("kdump", help="one path, one guest variant")
     kdump.add_argument("--via", choices=[v.value for v in Via], default=Via.LIBVIRT.value)
     kdump.add_argument(
-        "--variant", choices=[v.value for v in ImageVariant], default=ImageVariant.KDUMP.value
+        "--variant", choices=[v.value for v in EXPECTED_VERDICT], default=ImageVariant.KDUMP.value
     )
     _common_flags(kdump)
+    kdump.add_argument(
+        "--target",
+        choices=["disk", "ssh"],
+        help="the dump target (default: ssh behind a BMC for kdump, else disk)",
+    )
     kdump.set_defaults(handler=_kdump)
 
+    preflight = scenario.add_parser(
+        "preflight", help="each image variant gets the crash readiness it should have"
+    )
+    preflight.set_defaults(handler=_beyond_nmi, scenario="preflight", variant="kdump")
+    _common_flags(preflight)
+    for name, default, text in (
+        ("guarded", ImageVariant.NMI_IGNORED, "the guarded trigger refuses a guest not armed"),
+        ("capture", ImageVariant.NO_KDUMP, "a host-side memory capture, verified, guest running"),
+    ):
+        beyond = scenario.add_parser(name, help=text)
+        beyond.add_argument(
+            "--variant", choices=[v.value for v in EXPECTED_READINESS], default=default.value
+        )
+        beyond.set_defaults(handler=_beyond_nmi, scenario=name)
+        _common_flags(beyond)
+
     everything = scenario.add_parser(
-        "all", help="libvirt, ipmi and redfish with kdump; no-kdump and nmi-ignored over libvirt"
+        "all",
+        help="libvirt, ipmi and redfish with kdump; no-kdump and nmi-ignored over libvirt; "
+        "preflight, guarded and capture",
     )
     _common_flags(everything)
     everything.set_defaults(handler=_all)
@@ -127,14 +152,40 @@ def _host_ready() -> bool:
 
 
 def _kdump(args: argparse.Namespace) -> int:
+    if args.target == "ssh" and args.variant != ImageVariant.KDUMP.value:
+        print("crashlab: --target ssh is for the kdump variant", file=sys.stderr)
+        return 2
     if not _host_ready():
         return 1
     try:
         result = run_kdump_scenario(
-            args.via, args.variant, api=_api(args), output=args.output, progress=_progress(args)
+            args.via,
+            args.variant,
+            target=args.target,
+            api=_api(args),
+            output=args.output,
+            progress=_progress(args),
         )
     except KeyboardInterrupt:
         print("crashlab: interrupted; the guest and its emulators were removed", file=sys.stderr)
+        return 130
+    print(to_json(result) if args.json else render_report(result))
+    return 0 if result.ok else 1
+
+
+def _beyond_nmi(args: argparse.Namespace) -> int:
+    if not _host_ready():
+        return 1
+    try:
+        result = run_scenario(
+            args.scenario,
+            args.variant,
+            api=_api(args),
+            output=args.output,
+            progress=_progress(args),
+        )
+    except KeyboardInterrupt:
+        print("crashlab: interrupted; the guests were removed", file=sys.stderr)
         return 130
     print(to_json(result) if args.json else render_report(result))
     return 0 if result.ok else 1

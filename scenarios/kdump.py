@@ -3,9 +3,10 @@
 One run, end to end::
 
     image  = build_image(variant)                  # cached
-    guest  = Guest(image)                          # libvirt, console to a file
+    guest  = Guest(image); guest.define()          # libvirt, console to a file
     path   = attach(via, guest)                    # nothing, virtualbmc or sushy-tools
-    server = api.register(..., dump_target=disk)   # admin extension, owned by the user
+    server = api.register(..., dump_target=...)    # admin extension, owned by the user
+    guest.boot()                                   # over ssh: with the key the API handed out
     api.trigger_crash_dump(server)                 # as the user, over HTTP: 202 + request id
     dump   = api.wait_for_dump(server, request)    # crashlab follows it: panic, collect, verify
     vmcore = download(api, dump)                   # through the API, read, its sha256 checked
@@ -18,6 +19,12 @@ through the API. So the runner works against any crashlab (``--api URL``)
 that can reach the guest. The guest's console is read here for two things
 only: to know the guest has booted before the trigger, and to show progress.
 Each variant expects one verdict; anything else is a failed run.
+
+Where the dump lands follows the path (scenarios/via.py): over libvirt, the
+guest's dump disk; behind a BMC (IPMI, Redfish), a kdump guest is registered
+with the ``ssh`` target before it boots, and boots the kdump-ssh image with
+the key the API handed out, so its crash kernel sends the vmcore to crashlab's
+collector and nothing of the guest's own is read for the verdict.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
 import re
 import shutil
 import time
@@ -51,7 +59,7 @@ from emulators.guest import Guest, GuestError
 from emulators.guest_image import READY_MARKER, ImageBuildError, ImageVariant, build_image
 from scenarios.api import LocalService, ScenarioAPI
 from scenarios.progress import Progress
-from scenarios.via import Via, attach
+from scenarios.via import Attachment, Via, attach, ssh_dump_network
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +71,9 @@ EVENT_TIMEOUT = 60.0
 # writes its dump in under a minute. Where no dump can come, the collect phase
 # is only how long to wait for one; where no panic can come, so is the panic
 # phase: no-kdump panics within milliseconds of the NMI.
+# The kdump variant behind a BMC boots the kdump-ssh image (``_run``), on the
+# kdump variant's timeouts and verdict: the variant is the guest's setup, the
+# image how its dump leaves it.
 DUMP_TIMEOUTS: dict[ImageVariant, dict[str, float]] = {
     ImageVariant.KDUMP: {"panic": 60, "collect": 240, "verify": 120},
     ImageVariant.NO_KDUMP: {"panic": 60, "collect": 10, "verify": 60},
@@ -82,6 +93,11 @@ class Verdict(enum.StrEnum):
     DUMP_VERIFIED = "dump-verified"
     PANIC_NO_DUMP = "panic-no-dump"
     NMI_IGNORED = "nmi-ignored"
+    # The scenarios before and beyond the NMI (scenarios/readiness_capture.py).
+    CAPTURE_VERIFIED = "capture-verified"
+    READINESS_AS_EXPECTED = "readiness-as-expected"
+    GUARD_REFUSED = "guard-refused"
+    GUARD_PASSED = "guard-passed"
     FAILED = "failed"
 
 
@@ -169,6 +185,8 @@ class ScenarioResult:
 
     via: Via
     variant: ImageVariant
+    # The server's dump target: "ssh" behind a BMC for the kdump variant, else "disk".
+    target: str = "disk"
     server_id: str | None = None
     request_id: str | None = None
     action_result: str | None = None
@@ -188,10 +206,14 @@ class ScenarioResult:
     domain: str | None = None
     api_url: str | None = None
     artifacts: Path | None = None
+    # Which scenario ran: "kdump", or one of scenarios/readiness_capture.py's,
+    # which set the verdict they expect.
+    scenario: str = "kdump"
+    expected: Verdict | None = None
 
     @property
     def expected_verdict(self) -> Verdict:
-        return EXPECTED_VERDICT[self.variant]
+        return self.expected or EXPECTED_VERDICT[self.variant]
 
     @property
     def ok(self) -> bool:
@@ -199,8 +221,10 @@ class ScenarioResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "scenario": self.scenario,
             "via": self.via.value,
             "variant": self.variant.value,
+            "target": self.target,
             "server_id": self.server_id,
             "request_id": self.request_id,
             "action_result": self.action_result,
@@ -248,6 +272,7 @@ def run_kdump_scenario(
     via: Via | str,
     variant: ImageVariant | str = ImageVariant.KDUMP,
     *,
+    target: str | None = None,
     api: ScenarioAPI | None = None,
     output: Path | None = None,
     progress: Progress | None = None,
@@ -256,8 +281,12 @@ def run_kdump_scenario(
 
     Without ``api`` a ``crashlab serve`` is started for the run. ``output``
     receives the console log, the downloaded vmcore and the emulator's logs.
+    ``target`` is the dump target, "disk" or "ssh" (``default_target``).
     """
     result = ScenarioResult(Via(via), ImageVariant(variant))
+    result.target = target or default_target(result.via, result.variant)
+    if result.target == "ssh" and result.variant is not ImageVariant.KDUMP:
+        raise ValueError("the ssh target is for the kdump variant: no other sends a dump")
     result.artifacts = output or default_output(f"{result.via}-{result.variant}")
     result.artifacts.mkdir(parents=True, exist_ok=True)
     progress = progress or Progress()
@@ -272,7 +301,7 @@ def run_kdump_scenario(
             result.api_url = api.url
             _run(result, api, stack, progress)
     except RUN_ERRORS as exc:
-        result.verdict, result.reason = Verdict.FAILED, _reason(exc)
+        result.verdict, result.reason = Verdict.FAILED, reason_of(exc)
     result.seconds.total = time.monotonic() - started
     return result
 
@@ -281,34 +310,60 @@ def _run(result: ScenarioResult, api: ScenarioAPI, stack: ExitStack, progress: P
     assert result.artifacts is not None
     with progress.step("logging in to the API"):
         api.login()
-    with progress.step(f"building the {result.variant} guest image"):
-        image = build_image(result.variant)
-    guest = stack.enter_context(Guest(image))
-    stack.callback(_keep_console, guest, result.artifacts / "console.log")
+    over_ssh = result.target == "ssh"
+    variant = ImageVariant.KDUMP_SSH if over_ssh else result.variant
+    with progress.step(f"building the {variant} guest image"):
+        image = build_image(variant)
+    guest = Guest(image)
+    stack.callback(guest.cleanup)
+    guest.define()
+    stack.callback(keep_console, guest, result.artifacts / "console.log")
     result.domain, result.accel = guest.name, str(guest.accel)
     progress.note(f"guest {guest.name} ({guest.accel}, kernel {image.kernel_release})")
     with progress.step(f"starting the {result.via} path"):
-        attachment = stack.enter_context(attach(result.via, guest, result.artifacts))
+        attachment = stack.enter_context(
+            attach(result.via, guest, result.artifacts, over_ssh=over_ssh)
+        )
+    if over_ssh:
+        # The server's key exists once it is registered; the guest boots with it.
+        result.server_id = _register(result, api, attachment, image.kernel_release)
+        stack.callback(quietly, api.unregister, result.server_id)
+        key = api.dump_target_key(result.server_id)
+        guest.dump_network = ssh_dump_network(key, result.artifacts)
+    guest.boot()
     with progress.step("booting the guest"):
         ready = guest.wait_ready(BOOT_TIMEOUT, on_line=progress.console_line)
     result.guest_kernel_release = ready.get("kernel")
     result.seconds.boot = _seen(guest, READY_MARKER) - guest.started_at
-
-    result.server_id = api.register(
-        guest.name,
-        attachment.driver,
-        attachment.driver_info,
-        dump_target=attachment.dump_target,
-        dump_timeouts=DUMP_TIMEOUTS[result.variant],
-        expected_kernel_release=result.guest_kernel_release,
-    )
-    stack.callback(_quietly, api.unregister, result.server_id)
+    if not over_ssh:
+        result.server_id = _register(result, api, attachment, result.guest_kernel_release)
+        stack.callback(quietly, api.unregister, result.server_id)
+    assert result.server_id is not None
     result.request_id = api.trigger_crash_dump(result.server_id)
     progress.note(f"trigger_crash_dump accepted: {result.request_id}")
 
     evidence = _follow(result, api, guest, progress)
     read_evidence(result, evidence)
     result.verdict, result.reason = decide(result, evidence)
+
+
+def default_target(via: Via, variant: ImageVariant) -> str:
+    """A kdump guest behind a BMC sends its dump over SSH, as bare metal would."""
+    return "ssh" if via is not Via.LIBVIRT and variant is ImageVariant.KDUMP else "disk"
+
+
+def _register(
+    result: ScenarioResult, api: ScenarioAPI, attachment: Attachment, kernel: str | None
+) -> str:
+    assert result.domain is not None
+    return api.register(
+        result.domain,
+        attachment.driver,
+        attachment.driver_info,
+        dump_target=attachment.dump_target,
+        dump_timeouts=DUMP_TIMEOUTS[result.variant],
+        expected_kernel_release=kernel,
+    )
 
 
 def _follow(
@@ -337,6 +392,9 @@ def _follow(
         api.wait_for_dump(server_id, request_id, timeout, on_change=seen, on_poll=show_console)
     evidence.action = api.finished_action(server_id, request_id)
     evidence.server = api.user.find_server(server_id)
+    if evidence.dump is not None:
+        # The resource as the API last showed it, beside the console and the vmcore.
+        (result.artifacts / "crash_dump.json").write_text(json.dumps(evidence.dump, indent=2))
     if evidence.dump is not None and evidence.dump["state"] == "verified":
         with progress.step("downloading the vmcore through the API"):
             evidence.download = download(api, evidence.dump, result.artifacts / "vmcore")
@@ -349,7 +407,7 @@ def download(api: ScenarioAPI, dump: dict[str, Any], out: Path) -> Download:
         api.user.download_vmcore(dump["server_id"], dump["id"], out)
         vmcore = read_vmcore(out)
     except (ClientError, httpx.HTTPError, VmcoreError, OSError) as exc:
-        return Download(error=_reason(exc))
+        return Download(error=reason_of(exc))
     message = (dump.get("panic") or {}).get("message")
     vmcore = dataclasses.replace(vmcore, panic_message=panic_message(message or ""))
     return Download(vmcore, sha256_of(out))
@@ -447,18 +505,18 @@ def _seen(guest: Guest, pattern: str) -> float:
     return found[1]
 
 
-def _keep_console(guest: Guest, target: Path) -> None:
+def keep_console(guest: Guest, target: Path) -> None:
     if guest.console_path.exists():
         shutil.copyfile(guest.console_path, target)
 
 
-def _quietly(call: Any, *args: Any) -> None:
+def quietly(call: Any, *args: Any) -> None:
     """Best-effort cleanup: a failure here must not hide the run's own result."""
     with suppress(ClientError, OSError):
         call(*args)
 
 
-def _reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     return re.sub(r"\s+", " ", first)

@@ -1,4 +1,5 @@
-"""``crashlab scenario all``: every path with kdump, and the other two variants over libvirt."""
+"""``crashlab scenario all``: every path with kdump, the other two variants over libvirt,
+then the scenarios before and beyond the NMI (scenarios/readiness_capture.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from emulators.guest_image import ImageVariant
 from scenarios.api import LocalService, ScenarioAPI
 from scenarios.kdump import ScenarioResult, Verdict, default_output, run_kdump_scenario
 from scenarios.progress import Progress
+from scenarios.readiness_capture import run_scenario
 from scenarios.via import Via
 
 MATRIX: tuple[tuple[Via, ImageVariant], ...] = (
@@ -18,6 +20,12 @@ MATRIX: tuple[tuple[Via, ImageVariant], ...] = (
     (Via.REDFISH, ImageVariant.KDUMP),
     (Via.LIBVIRT, ImageVariant.NO_KDUMP),
     (Via.LIBVIRT, ImageVariant.NMI_IGNORED),
+)
+# (scenario, variant): preflight boots every variant itself.
+BEYOND_NMI: tuple[tuple[str, ImageVariant], ...] = (
+    ("preflight", ImageVariant.KDUMP),
+    ("guarded", ImageVariant.NMI_IGNORED),
+    ("capture", ImageVariant.NO_KDUMP),
 )
 
 
@@ -40,12 +48,26 @@ def run_matrix(
             api = service.api()
             stack.callback(api.close)
         results = []
+        count = len(MATRIX) + len(BEYOND_NMI)
         for index, (via, variant) in enumerate(MATRIX, start=1):
             progress.prefix = ""
-            progress.note(f"[{index}/{len(MATRIX)}] {via} / {variant}")
+            progress.note(f"[{index}/{count}] {via} / {variant}")
             progress.prefix = "  "
             result = run_kdump_scenario(
                 via, variant, api=api, output=output / f"{via}-{variant}", progress=progress
+            )
+            progress.note(f"verdict: {result.verdict}" + (" (expected)" if result.ok else ""))
+            results.append(result)
+        for index, (scenario, variant) in enumerate(BEYOND_NMI, start=len(MATRIX) + 1):
+            progress.prefix = ""
+            progress.note(f"[{index}/{count}] {scenario} / {variant}")
+            progress.prefix = "  "
+            result = run_scenario(
+                scenario,
+                variant,
+                api=api,
+                output=output / f"{scenario}-{variant}",
+                progress=progress,
             )
             progress.note(f"verdict: {result.verdict}" + (" (expected)" if result.ok else ""))
             results.append(result)

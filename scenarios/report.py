@@ -51,7 +51,10 @@ def render_report(result: ScenarioResult) -> str:
         ("total", _secs(s.total)),
     ]
     width = max(len(name) for name, _ in rows)
-    lines = [f"crashlab scenario kdump --via {result.via} --variant {result.variant}", ""]
+    command = (
+        f"kdump --via {result.via}" if result.scenario == "kdump" else result.scenario
+    ) + f" --variant {result.variant}"
+    lines = [f"crashlab scenario {command}", ""]
     lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
     verdict = f"{result.verdict}" + (f": {result.reason}" if result.reason else "")
     outcome = "PASS" if result.ok else f"FAIL (expected {result.expected_verdict})"
@@ -61,10 +64,11 @@ def render_report(result: ScenarioResult) -> str:
 
 def render_summary(results: Sequence[ScenarioResult]) -> str:
     """The matrix as one table, then one line saying whether it all passed."""
-    headers = ["via", "variant", "verdict", "expected", "ok", "dump", "boot"]
+    headers = ["scenario", "via", "variant", "verdict", "expected", "ok", "dump", "boot"]
     headers += ["trigger→panic", "panic→dump", "vmcore kernel", "total"]
     rows = [
         [
+            r.scenario,
             r.via.value,
             r.variant.value,
             r.verdict.value,
@@ -88,7 +92,7 @@ def render_summary(results: Sequence[ScenarioResult]) -> str:
     table = [rule, line(headers), rule, *(line(row) for row in rows), rule]
     failed = [r for r in results if not r.ok]
     table.append(f"{len(results) - len(failed)}/{len(results)} scenarios gave the expected verdict")
-    table += [f"  {r.via}/{r.variant}: {r.verdict}: {r.reason}" for r in failed]
+    table += [f"  {r.scenario} {r.via}/{r.variant}: {r.verdict}: {r.reason}" for r in failed]
     return "\n".join(table)
 
 

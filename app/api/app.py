@@ -11,12 +11,23 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from app.api import crash_dumps, extension, identity, instance_actions, servers, versions
+from app.api import (
+    crash_dumps,
+    crash_readiness,
+    dump_target,
+    extension,
+    identity,
+    instance_actions,
+    servers,
+    versions,
+)
 from app.api.admission import TenantAdmission
 from app.api.faults import install_fault_handlers
 from app.api.middleware import NovaHeadersMiddleware
 from app.api.openapi import install_openapi
 from app.backends import Backends
+from app.capture import CaptureRunner
+from app.collector import Collector
 from app.config import Config, ConfigError
 from app.crypto import SecretBox, load_or_create_key
 from app.dispatch import CrashDumpDispatcher
@@ -26,11 +37,13 @@ from app.leases import ProcessLease
 from app.policy import PolicyEnforcer
 from app.service import ComputeService, build_server
 from app.store import Store
-from app.sync import PowerStateSync
+from app.sync import TICK_SECONDS, PowerStateSync
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_STATE_FILE = Path("var/crashlab.db")
+# How often the collector's directories are swept for dumps no NMI was waiting for.
+UNATTRIBUTED_SECONDS = 5.0
 
 
 def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
@@ -42,24 +55,54 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     box = SecretBox(load_or_create_key(config.fernet_key, state_path.with_suffix(".key")))
     backends = Backends(box, config.backends)
     lease = ProcessLease(store, config.lease_seconds)
-    compute = ComputeService(config, store, PolicyEnforcer(policy_path), backends, box, lease.id)
+    dump_directory = (
+        config.resolve(config.crash_dumps.directory) or state_path.parent / "crash-dumps"
+    )
+    collector = None
+    if config.collector.enabled:
+        collector = Collector(
+            config.collector,
+            config.resolve(config.collector.directory) or state_path.parent / "collector",
+        )
+    compute = ComputeService(
+        config,
+        store,
+        PolicyEnforcer(policy_path),
+        backends,
+        box,
+        lease.id,
+        dump_directory,
+        collector=collector,
+    )
     follower = CrashDumpFollower(
         store,
         backends,
         config.crash_dumps,
-        config.resolve(config.crash_dumps.directory) or state_path.parent / "crash-dumps",
+        dump_directory,
         owner=lease.id,
         host=config.host_name,
         mark_timeout=config.backends.state_timeout_seconds,
+        uploads=None if collector is None else collector.uploads,
     )
     dispatcher = CrashDumpDispatcher(
         store, backends, follower, timeout=config.driver_timeout_seconds
+    )
+    capture = CaptureRunner(
+        store,
+        backends,
+        dump_directory,
+        host=config.host_name,
+        timeout=config.capture.timeout_seconds,
+        dispatch_nmi=dispatcher.run,
     )
     sync = PowerStateSync(store, backends, config)
     _load_inventory(config, store, box)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if collector is not None:
+            collector.prepare(store, box)
+            await asyncio.to_thread(collector.start)
         lease.renew()
         recovered = lease.fail_orphaned_events()
         if recovered:
@@ -70,15 +113,25 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
         await sync.run_once()
         background = [
             asyncio.create_task(sync.run_forever()),
+            asyncio.create_task(
+                compute.readiness.run_forever(config.readiness.interval_seconds, TICK_SECONDS)
+            ),
             asyncio.create_task(lease.keep()),
             asyncio.create_task(
                 follower.keep_resuming(lease.live_owners, config.lease_seconds / 3)
             ),
         ]
+        if collector is not None:
+            background += [
+                asyncio.create_task(follower.keep_collecting_unattributed(UNATTRIBUTED_SECONDS)),
+                asyncio.create_task(collector.keep_running(TICK_SECONDS)),
+            ]
         yield
         for task in background:
             task.cancel()
         await follower.close()
+        if collector is not None:
+            collector.stop()
         lease.end()
         backends.close()
 
@@ -94,11 +147,22 @@ def create_app(config: Config, state_file: Path | None = None) -> FastAPI:
     app.state.service = compute
     app.state.dispatcher = dispatcher
     app.state.follower = follower
+    app.state.capture = capture
+    app.state.collector = collector
     app.state.tokens = TokenStore(config.identity, store.engine)
     app.state.public_endpoint = config.public_endpoint
     install_fault_handlers(app)
     install_openapi(app, config)
-    for module in (versions, identity, servers, instance_actions, extension, crash_dumps):
+    for module in (
+        versions,
+        identity,
+        servers,
+        instance_actions,
+        extension,
+        crash_dumps,
+        crash_readiness,
+        dump_target,
+    ):
         app.include_router(module.router)
     app.add_middleware(
         TenantAdmission,
@@ -127,6 +191,7 @@ def _load_inventory(config: Config, store: Store, box: SecretBox) -> None:
             dump_target=server.dump_target,
             dump_timeouts=server.dump_timeouts,
             expected_kernel_release=server.expected_kernel_release,
+            collector_enabled=config.collector.enabled,
         )
         # The config's state applies to a new server only (see upsert_config_server).
         store.upsert_config_server(

@@ -130,10 +130,19 @@ _CRASH_DUMP = _object(
     {
         "id": _STRING,
         "server_id": _STRING,
-        "request_id": _STRING,
+        "request_id": _NULLABLE_STRING,
         "state": {
             "type": "string",
-            "enum": ["waiting", "panicked", "collecting", "collected", "verified", "failed"],
+            "enum": [
+                "waiting",
+                "panicked",
+                "collecting",
+                "capturing",
+                "verifying",
+                "collected",
+                "verified",
+                "failed",
+            ],
         },
         "target": _STRING,
         "created_at": _STRING,
@@ -142,6 +151,26 @@ _CRASH_DUMP = _object(
         "vmcore": _NULLABLE_OBJECT,
         "panic": _NULLABLE_OBJECT,
         "removed": {"type": "boolean"},
+    }
+)
+_DUMP_TARGET_KEY = _object(
+    {
+        "type": {"type": "string", "enum": ["ssh"]},
+        "user": _STRING,
+        "host": _STRING,
+        "port": {"type": "integer"},
+        "host_key": _STRING,
+        "public_key": _STRING,
+        "private_key": _STRING,
+    }
+)
+_FACT = _object({"value": {}, "source": _STRING})
+_CRASH_READINESS = _object(
+    {
+        "verdict": {"type": "string", "enum": ["armed", "not-armed", "unknown"]},
+        "checked_at": _STRING,
+        "facts": {"type": "object", "additionalProperties": _FACT},
+        "reasons": {"type": "array", "items": _STRING},
     }
 )
 _DRIVER = _object(
@@ -346,7 +375,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("delete", "/v2.1/crashlab/servers/{server_id}"): Operation(204, errors=(403, 404)),
     ("post", "/v2.1/crashlab/servers/{server_id}/action"): Operation(
-        202, errors=(403, 404, 409), request=validation.FORCED_TRIGGER
+        202,
+        errors=(403, 404, 409),
+        request={"oneOf": [validation.FORCED_TRIGGER, validation.CAPTURE_MEMORY_DUMP]},
+    ),
+    ("get", "/v2.1/crashlab/servers/{server_id}/crash-readiness"): Operation(
+        200,
+        _object({"crash_readiness": _CRASH_READINESS}),
+        errors=(403, 404),
+        query={"refresh": {"type": "boolean"}},
+    ),
+    ("get", "/v2.1/crashlab/servers/{server_id}/dump-target/key"): Operation(
+        200, _object({"dump_target_key": _DUMP_TARGET_KEY}), errors=(403, 404)
     ),
     ("get", "/v2.1/crashlab/servers/{server_id}/os-instance-actions/{request_id}"): Operation(
         200, _object({"instanceAction": _INSTANCE_ACTION}), errors=(403, 404)
@@ -438,7 +478,7 @@ def complete(document: dict[str, Any], config: Config) -> dict[str, Any]:
         for method, operation in methods.items():
             spec = OPERATIONS.get((method, path), _GENERIC)
             request = (
-                _register_body(schemas, config.test_drivers)
+                _register_body(schemas, config.test_drivers, config.collector.enabled)
                 if spec.request == "register"
                 else spec.request
             )
@@ -511,10 +551,10 @@ def _fault(status: int, path: str) -> dict[str, Any]:
     }
 
 
-def _register_body(schemas: dict[str, Any], test_drivers: bool) -> Schema:
+def _register_body(schemas: dict[str, Any], test_drivers: bool, collector: bool) -> Schema:
     """validation.REGISTER_SERVER, narrowed to what this service takes through the API:
     its drivers (test backends only with ``test_drivers``), without the fields
-    only the config file may set.
+    only the config file may set, and the ssh dump target only with a ``collector``.
 
     Never to its projects and users: the document is served to anyone, and
     names no account.
@@ -561,6 +601,11 @@ def _register_body(schemas: dict[str, Any], test_drivers: bool) -> Schema:
     for field_name, schema in _dump_settings_schemas().items():
         schemas.update(schema.pop("$defs", {}))
         server["properties"][field_name] = schema
+    if not collector:
+        ssh: Schema = {"properties": {"type": {"const": "ssh"}}, "required": ["type"]}
+        server["properties"]["dump_target"] = {
+            "allOf": [server["properties"]["dump_target"], {"not": ssh}]
+        }
     return body
 
 

@@ -86,11 +86,27 @@ FORCED_TRIGGER = {
     "properties": {
         "trigger_crash_dump": {
             "type": ["object", "null"],
-            "properties": {"ignore_nmi_guard": {"type": "boolean"}},
+            "properties": {
+                "ignore_nmi_guard": {"type": "boolean"},
+                "require_armed": {"type": "boolean"},
+                "allow_unknown": {"type": "boolean"},
+            },
             "additionalProperties": False,
         }
     },
     "required": ["trigger_crash_dump"],
+    "additionalProperties": False,
+}
+CAPTURE_MEMORY_DUMP = {
+    "type": "object",
+    "properties": {
+        "capture_memory_dump": {
+            "type": ["object", "null"],
+            "properties": {"then": {"type": "string", "enum": ["resume", "nmi", "destroy"]}},
+            "additionalProperties": False,
+        }
+    },
+    "required": ["capture_memory_dump"],
     "additionalProperties": False,
 }
 

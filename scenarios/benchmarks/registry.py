@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from scenarios.benchmarks import (
     api_overhead,
+    capture_time,
     footprint,
     ipmi_fleet,
     load,
@@ -27,4 +28,5 @@ REGISTRY: tuple[Benchmark, ...] = (
     load.BENCHMARK,
     scenario_cost.BENCHMARK,
     proof_time.BENCHMARK,
+    capture_time.BENCHMARK,
 )

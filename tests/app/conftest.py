@@ -1,4 +1,5 @@
-"""The in-process tier: every test gets its own app, state file and fake machines."""
+"""The in-process tier: every test gets its own app, state file and fake machines; and a
+private sshd for the collector gate's tests."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.testclient import TestClient
 from app.api.app import create_app
 from drivers.fake import FakeDriver
 from tests.app.cloud import AppCloud, fake_cloud_config
+from tests.sshd import SSHD, PrivateSSHD
 
 
 @pytest.fixture
@@ -41,3 +43,16 @@ def start_cloud(
 def cloud(start_cloud: Callable[..., AppCloud]) -> AppCloud:
     """scenarios/fake-cloud.yaml, served in-process on a fresh state file."""
     return start_cloud()
+
+
+@pytest.fixture
+def private_sshd(tmp_path: Path) -> Iterator[PrivateSSHD]:
+    """A real OpenSSH sshd on 127.0.0.1 in ``tmp_path/sshd``, stopped by its PID afterwards."""
+    if not SSHD.exists():
+        pytest.fail(f"{SSHD} is missing: apt-get install openssh-server (scripts/apt-packages)")
+    sshd = PrivateSSHD(tmp_path / "sshd")
+    sshd.start()
+    try:
+        yield sshd
+    finally:
+        sshd.stop()

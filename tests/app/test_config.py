@@ -86,6 +86,20 @@ def test_the_fake_cloud_loads() -> None:
             },
             "servers[0] (x).driver_info: domain",
         ),
+        (
+            {
+                "servers": [
+                    {
+                        "name": "x",
+                        "project_id": "alice",
+                        "user_id": "alice",
+                        "driver": "fake",
+                        "dump_target": {"type": "ssh"},
+                    }
+                ]
+            },
+            "servers[0] (x).dump_target: an ssh target needs collector.enabled",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(

@@ -240,7 +240,7 @@ def test_removing_a_server_removes_its_dumps_and_their_files(cloud: AppCloud) ->
         (
             {"type": "floppy"},
             "Invalid dump_target or dump_timeouts: dump_target: Input tag 'floppy' found using "
-            "'type' does not match any of the expected tags: 'disk', 'console-only', 'none'",
+            "'type' does not match any of the expected tags: 'disk', 'ssh', 'console-only', 'none'",
         ),
         (
             {"type": "disk", "device": "vda"},
@@ -251,6 +251,11 @@ def test_removing_a_server_removes_its_dumps_and_their_files(cloud: AppCloud) ->
             {"type": "disk", "device": "vda", "domain": "d", "uri": "qemu+ssh://h/system"},
             "Invalid dump_target or dump_timeouts: uri: a disk target is read on this host: "
             "use qemu:///system or session",
+        ),
+        (
+            {"type": "ssh"},
+            "Invalid dump_target: an ssh target needs crashlab's dump collector "
+            "(collector.enabled in the config).",
         ),
     ],
 )

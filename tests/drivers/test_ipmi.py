@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -483,6 +484,30 @@ def test_bad_password_and_dead_bmc_end_in_error_events_while_the_api_answers(
     log = server.log_path.read_text()
     assert wrong_password not in log and live_endpoint.password not in log
     assert POWER_DIAG_LOGGED not in vbmcs.log(live)
+
+
+def test_a_wrong_password_is_said_so_while_a_dead_bmcs_login_runs_beside_it(
+    vbmcs: VirtualBMCs, blank_domain: Callable[..., str]
+) -> None:
+    """pyghmi may end a login in another caller's thread; its message must be there
+    when the login's own thread wakes (drivers/pyghmi_patches.py)."""
+    endpoint = vbmcs.add(blank_domain())
+    dead = BMCEndpoint("127.0.0.1", free_port(socket.SOCK_DGRAM), "crashlab", "secret")
+
+    def error_of(driver: IPMIDriver) -> str:
+        with pytest.raises(DriverError) as raised:
+            driver.get_power_state()
+        return raised.value.message
+
+    seen: Counter[str] = Counter()
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(4):
+            dead_logins = [pool.submit(error_of, _driver(dead, timeout=3)) for _ in range(2)]
+            time.sleep(0.3)  # the dead BMC's logins are retrying in pyghmi's loop
+            wrong = [_driver(endpoint, password="wrong-password-42") for _ in range(6)]
+            seen.update(message.split(": ", 1)[1] for message in pool.map(error_of, wrong))
+            assert all("no answer" in f.result() for f in dead_logins)
+    assert seen == Counter({"Incorrect password provided": 24}), seen
 
 
 API_FLEET = 24

@@ -28,3 +28,13 @@ def test_nmi_capability_matches_an_overridden_trigger() -> None:
     for cls in all_driver_classes():
         overrides = cls.trigger_crash_dump is not Driver.trigger_crash_dump
         assert ("nmi" in cls.capabilities) == overrides, cls.name
+
+
+@pytest.mark.parametrize(
+    ("capability", "method"),
+    [("guest_agent", "read_guest_files"), ("memory_dump", "capture_memory_dump")],
+)
+def test_declared_capabilities_match_overridden_methods(capability: str, method: str) -> None:
+    for cls in all_driver_classes():
+        overrides = getattr(cls, method) is not getattr(Driver, method)
+        assert (capability in cls.capabilities) == overrides, cls.name

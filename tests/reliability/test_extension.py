@@ -97,8 +97,8 @@ def test_the_trigger_options_are_optional(
         ({"trigger_crash_dump": {"ignore_nmi_guard": 1}}, "1 is not of type 'boolean'"),
         ({"trigger_crash_dump": {"ignore_nmi_guard": None}}, "None is not of type 'boolean'"),
         (
-            {"trigger_crash_dump": {"require_armed": True}},
-            "Additional properties are not allowed ('require_armed' was unexpected)",
+            {"trigger_crash_dump": {"reboot_first": True}},
+            "Additional properties are not allowed ('reboot_first' was unexpected)",
         ),
         ({"trigger_crash_dump": []}, "[] is not of type 'object', 'null'"),
         ({"trigger_crash_dump": "force"}, "'force' is not of type 'object', 'null'"),

@@ -104,7 +104,8 @@ def test_sigkill_with_actions_in_flight_loses_and_repeats_nothing(
         _wait_for(lambda: len(nmi_lines(nmi_log)) == QUICK, "the quick NMIs")
         late = LateClients(cloud, alice.headers)
         late.start()
-        time.sleep(0.3)  # let some late triggers through, and catch others mid-request
+        # Kill once a late trigger has its 202, while the other workers are mid-request.
+        _wait_for(lambda: bool(late.accepted), "a late trigger's 202")
         cloud.kill()
         late.join()
     accepted.update(in_flight)

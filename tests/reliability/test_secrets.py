@@ -114,6 +114,8 @@ def test_bmc_passwords_and_tokens_appear_in_no_response_log_or_stored_event(
             "cfg-redfish-wrong": ("redfish", redfish(wrong["cfg-redfish"])),
         }
     )
+    # A server with an ssh dump target has a private key, read only at its own path.
+    config["collector"] = {"enabled": True, "port": free_port()}
     with peer:
         cloud = crashlab_server(config, env={"CRASHLAB_SECRET_KEY": key})
         tokens = [recorder.token(cloud, "admin"), recorder.token(cloud, "alice")]
@@ -130,6 +132,12 @@ def test_bmc_passwords_and_tokens_appear_in_no_response_log_or_stored_event(
                     ),
                 },
             )
+            # No dump will arrive: its collect phase ends at once, so its action finishes.
+            ssh = {"dump_target": {"type": "ssh"}, "dump_timeouts": {"collect": 1}}
+            registered |= _register(
+                admin, {"api-ssh": ("redfish", redfish(emulator.password))}, ssh
+            )
+            private_key = _private_key(cloud, tokens[0], registered["api-ssh"])
             _refused_registrations(admin, endpoint.port, passwords)
             ids = {s["name"]: config_server_id(s["name"]) for s in config["servers"]}
             ids |= registered
@@ -146,8 +154,11 @@ def test_bmc_passwords_and_tokens_appear_in_no_response_log_or_stored_event(
         "api-redfish-wrong": "Error",
         "api-ipmi-dead": "Error",
         "api-redfish-malformed": "Error",
+        "api-ssh": "Success",
     }
     secrets_ = {f"password {i}": p for i, p in enumerate(passwords)}
+    # Any line of the key's base64 body would betray it.
+    secrets_ |= {f"ssh key line {i}": line for i, line in enumerate(private_key.splitlines()[1:-1])}
     secrets_ |= {f"token {i}": t for i, t in enumerate(tokens)}
     secrets_ |= {f"token {i} secret": t.partition(".")[2] for i, t in enumerate(tokens)}
     # The searches look for the right strings: the operator's config file holds some.
@@ -161,11 +172,15 @@ def test_bmc_passwords_and_tokens_appear_in_no_response_log_or_stored_event(
 
 
 def _register(
-    admin: httpx.Client, servers: dict[str, tuple[str, dict[str, object]]]
+    admin: httpx.Client,
+    servers: dict[str, tuple[str, dict[str, object]]],
+    dump: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     ids = {}
     for name, (driver, info) in servers.items():
-        body = {"name": name, "project_id": "alice", "user_id": "alice", "driver": driver}
+        body: dict[str, Any] = {"name": name, "project_id": "alice", "user_id": "alice"}
+        body["driver"] = driver
+        body |= dump or {}
         info = {k: v for k, v in info.items() if v is not None}
         response = admin.post("/crashlab/servers", json={"server": body | {"driver_info": info}})
         assert response.status_code == 201, response.text
@@ -174,6 +189,15 @@ def _register(
         assert secret_fields and all(shown[field] == "******" for field in secret_fields)
         ids[name] = response.json()["server"]["uuid"]
     return ids
+
+
+def _private_key(cloud: LiveServer, admin_token: str, server_id: str) -> str:
+    """Read outside the recorder: the one response that carries a secret."""
+    with httpx.Client(base_url=cloud.compute_url, headers={"X-Auth-Token": admin_token}) as admin:
+        response = admin.get(f"/crashlab/servers/{server_id}/dump-target/key")
+    assert response.status_code == 200, response.text
+    key: str = response.json()["dump_target_key"]["private_key"]
+    return key
 
 
 def _refused_registrations(admin: httpx.Client, port: int, passwords: list[str]) -> None:
@@ -201,7 +225,9 @@ def _trigger_each(
         accepted[name] = response.headers["x-openstack-request-id"]
     results = {}
     for name, request_id in accepted.items():
-        [event] = wait_for_action(admin, ids[name], request_id, timeout=20)["events"]
+        # The NMI's event; an ssh server's follow-up events come after it.
+        event = wait_for_action(admin, ids[name], request_id, timeout=20)["events"][0]
+        assert event["event"] == "compute_trigger_crash_dump", event
         results[name] = (request_id, event["result"])
         if event["result"] == "Error":
             assert event["details"] and event["traceback"], f"{name}: {event}"
