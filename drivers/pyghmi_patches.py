@@ -36,6 +36,16 @@ Two more pyghmi 1.6 behaviours the IPMI driver works around:
 - A BMC that never answers RAKP 1 (virtualbmc, for an unknown username) makes
   pyghmi re-login forever. ``NegotiatingSession`` gives up at the caller's deadline.
 
+A re-login's session id and tag: carried forward
+-------------------------------------------------
+A retry timer that fires during RAKP (a slow BMC, or a busy machine) makes pyghmi
+log in again (``_relog``), and ``_initsession`` restarts the console's session id
+and the RMCP+ message tag, the two values pyghmi checks to reject stale answers.
+A late RAKP 2 of the first attempt then matches the second attempt, fails its
+hash, and the login ends "Incorrect password provided" with the right password:
+1 of 600 calls with 200 BMCs at once. ``NegotiatingSession._initsession`` keeps
+both going forward across attempts (the tag wraps below 256).
+
 A failed login's message: recorded before the login ends
 --------------------------------------------------------
 ``Session._mark_broken`` sets ``logging = False`` and only then ``errormsg``.
@@ -78,10 +88,22 @@ third of the pulses at 200 BMCs ended "no answer" although the NMI arrived).
 Directed waiters are therefore also registered by BMC address, and
 ``NegotiatingSession.process_pktqueue`` wakes them once it has handled a packet,
 whichever thread ran it; a waiter also returns at once if its session already
-holds the answer. Rejected: capping the wait (a busy poll that starves the
-machine with hundreds of BMCs) and replacing pyghmi's I/O thread (far more
-private code). tests/drivers/test_ipmi.py pins the names it relies on and
-measures the stalls against real pyghmi BMCs.
+holds the answer.
+
+A login has the same race. pyghmi's constructor loops ``while self.logging:
+wait_for_rsp()``, an undirected wait, and the thread that runs the login's last
+answer ends it (``logging = False``, in ``_req_priv_level``). When that thread
+is another caller's, nothing wakes the constructor's thread until some packet
+comes in or its timeout ends, and after a login that timeout is the keepalive's,
+about 25 s: one serial read waited out its whole 10 s deadline, with the session
+logged in. ``NegotiatingSession`` marks its constructor's thread, whose waits
+register under the session; ``onlogon`` and ``_mark_broken`` wake them, and a
+wait that starts once the login has ended returns at once.
+
+Rejected: capping the wait (a busy poll that starves the machine with hundreds
+of BMCs) and replacing pyghmi's I/O thread (far more private code).
+tests/drivers/test_ipmi.py pins the names it relies on and measures the stalls
+against real pyghmi BMCs.
 
 One lock for pyghmi's session tables
 ------------------------------------
@@ -121,6 +143,9 @@ _INTEGRITY_ALGORITHM = 24
 _OPEN_SESSION_RESPONSE_LENGTH = 36
 _RAKP_HMAC_SHA1 = 1
 _HMAC_SHA1_96 = 1
+
+# The RMCP+ message tag wraps below 256, leaving room for an attempt's increments.
+_TAG_WRAP = 200
 
 _install_lock = threading.Lock()
 _installed = False
@@ -180,6 +205,14 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
     login_deadline: float = float("inf")
     open_session_accepted: bool = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # pyghmi's constructor waits in its loop until the login ends (see _io_wait).
+        _constructing.session = self
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            _constructing.session = None
+
     def login(self) -> None:
         # The first login runs in the calling driver's thread; a later one (pyghmi
         # retrying at a lower privilege) may run in any thread and keeps that owner.
@@ -188,6 +221,19 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
             owner.session = self
             self.login_deadline = owner.deadline
         super().login()
+
+    def _initsession(self) -> None:
+        # pyghmi restarts the console's session id and message tag at every login
+        # attempt; carried forward, a late answer to an earlier attempt is told apart.
+        attempts = vars(self)
+        earlier: tuple[int, int] | None = (
+            (attempts["localsid"], attempts["rmcptag"]) if "localsid" in attempts else None
+        )
+        super()._initsession()
+        if earlier is not None:
+            self.localsid = earlier[0]
+            # One byte on the wire, and an attempt adds a few to it before the next.
+            self.rmcptag = earlier[1] % _TAG_WRAP
 
     def _got_rmcp_response(self, data: bytearray) -> Any:
         if self._accepted(data):
@@ -208,11 +254,17 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
             and data[_INTEGRITY_ALGORITHM] == _HMAC_SHA1_96
         )
 
+    def onlogon(self, parameter: dict[str, Any]) -> None:
+        # Whichever thread ends the login (it ran the last answer), its owner waits in
+        # pyghmi's login loop and must wake now, not at the next packet or timer.
+        super().onlogon(parameter)
+        _wake(_login_waiters, self)
+
     def process_pktqueue(self) -> None:
         # Any thread in pyghmi's loop may process this session's answer; its
         # caller must wake then, not at its retry timer or deadline.
         super().process_pktqueue()
-        _wake_answer_waiters(self.sockaddr)
+        _wake(_answer_waiters, self.sockaddr)
 
     def _mark_broken(self, error: Any = None) -> None:
         # pyghmi ends the login (``logging = False``) before it records why
@@ -220,6 +272,7 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
         # and read a message that is not there yet. Recorded first.
         self.errormsg = error
         super()._mark_broken(error)
+        _wake(_login_waiters, self)
 
     def _relog(self) -> Any:
         if time.monotonic() > self.login_deadline:
@@ -237,7 +290,7 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
         self.lastpayload = None
         self.onlogpayload = None
         self.expiration = ipmi_session._monotonic_time()
-        _wake_answer_waiters(self.sockaddr)
+        _wake(_answer_waiters, self.sockaddr)
 
     def state(self) -> dict[str, Any]:
         """What the session is doing, in pyghmi's terms, for a log line."""
@@ -258,7 +311,8 @@ class NegotiatingSession(ipmi_session.Session):  # type: ignore[misc]
 
 
 def _io_wait(timeout: float, myaddr: Any = None, evq: Any = None) -> None:
-    """pyghmi's ``_io_wait``, looking again for the answer once its waiter is queued.
+    """pyghmi's ``_io_wait``, looking again for what its caller waits for once its waiter
+    is queued: the BMC's answer (``myaddr``), or the end of this thread's own login.
 
     See "Lost wakeups" in the module docstring.
     """
@@ -266,29 +320,62 @@ def _io_wait(timeout: float, myaddr: Any = None, evq: Any = None) -> None:
     if evq is not None:
         evq.append(wakeup)
     deadline = ipmi_session._monotonic_time() + timeout
-    if myaddr is not None:
-        _answer_waiters.setdefault(myaddr, set()).add(wakeup)
+    login = _own_login() if myaddr is None else None
+    waiters, awaited = (_answer_waiters, myaddr) if myaddr is not None else (_login_waiters, login)
+    if awaited is not None:
+        with _waiters_lock:
+            waiters.setdefault(awaited, set()).add(wakeup)
     ipmi_session.ioqueue.append((deadline, wakeup, myaddr))
     try:
-        if _answer_arrived(myaddr):
+        if _answer_arrived(myaddr) or (login is not None and not login.logging):
             return  # the I/O thread sets the queued event later; nobody waits on it
         if deadline < ipmi_session.selectdeadline:
             poke = ipmi_session.iosockets[0]
             poke.sendto(b"\x01", (ipmi_session.myself, poke.getsockname()[1]))
         wakeup.wait()
     finally:
-        if myaddr is not None:
-            _answer_waiters.get(myaddr, set()).discard(wakeup)
+        if awaited is not None:
+            _forget(waiters, awaited, wakeup)
 
 
 # Callers waiting for an answer from a BMC (its address), woken once any thread
 # has processed a packet from it (NegotiatingSession.process_pktqueue).
 _answer_waiters: dict[Any, set[threading.Event]] = {}
 
+# Callers waiting in pyghmi's login loop for their own session's login to end (the
+# session), woken by whichever thread ends it (NegotiatingSession.onlogon, _mark_broken).
+_login_waiters: dict[Any, set[threading.Event]] = {}
 
-def _wake_answer_waiters(bmc: Any) -> None:
-    for wakeup in list(_answer_waiters.get(bmc, ())):
+
+# The session whose constructor this thread runs: it waits for that session's login.
+_constructing = threading.local()
+
+
+def _own_login() -> NegotiatingSession | None:
+    """The session whose login this thread waits for, if any."""
+    return getattr(_constructing, "session", None)
+
+
+# Guards both tables: a waiter is never added to a set that is being dropped.
+_waiters_lock = threading.Lock()
+
+
+def _wake(waiters: dict[Any, set[threading.Event]], awaited: Any) -> None:
+    with _waiters_lock:
+        waking = list(waiters.get(awaited, ()))
+    for wakeup in waking:
         wakeup.set()
+
+
+def _forget(
+    waiters: dict[Any, set[threading.Event]], awaited: Any, wakeup: threading.Event
+) -> None:
+    with _waiters_lock:
+        waiting = waiters.get(awaited)
+        if waiting is not None:
+            waiting.discard(wakeup)
+            if not waiting:
+                del waiters[awaited]
 
 
 def _answer_arrived(bmc: Any) -> bool:
